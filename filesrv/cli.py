@@ -1,0 +1,277 @@
+"""The `filesrv` command: argparse, progress bars, output, and exit statuses.
+
+Errors are mapped to a one-line message and an exit status here, once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import FilesrvError, LocalError
+
+DEFAULT_SERVER_PORT = 8750
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+EPILOG = """\
+examples:
+  filesrv serve --root /srv/files --host 0.0.0.0 --port 8750
+  export FILESRV_SERVER=fileserver:8750
+  filesrv put big.iso isos/            upload to isos/big.iso
+  filesrv get isos/big.iso /tmp/       download to /tmp/big.iso
+  filesrv ls isos
+
+An interrupted put or get resumes when you run the same command again. Every
+transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
+
+exit status: 0 ok, 1 other failure, 2 usage, 3 connection, 4 not found or wrong
+type, 5 refused request or path, 6 integrity, 7 no space or I/O error on the
+server, 8 busy, 9 local file error, 130 interrupted.
+"""
+
+
+def parse_size(text: str) -> int:
+    """'1048576', '64K', '1.5M', '2G' (powers of 1024) to a number of bytes."""
+    value = text.strip().upper()
+    for tail in ("IB", "B"):
+        if value.endswith(tail) and len(value) > len(tail):
+            value = value[: -len(tail)]
+            break
+    unit = value[-1] if value and value[-1] in "KMGT" else ""
+    number = value[:-1] if unit else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 256K, 10M, 1G)")
+    if amount != amount or amount < 0:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}")
+    return int(amount * _UNITS[unit])
+
+
+def positive_size(text: str) -> int:
+    size = parse_size(text)
+    if size < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return size
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+# ---------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="filesrv", description="Move big files between your own hosts: a forking "
+        "daemon and its client, with resumable transfers verified by XXH3-128.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"filesrv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground",
+                           description="Serve a directory until SIGTERM or SIGINT. Prints "
+                           "'listening on HOST:PORT' once the socket is bound.")
+    serve.add_argument("--root", default="./storage",
+                       help="directory to serve, created if missing (default: ./storage)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on; 0.0.0.0 or :: for every interface "
+                       "(default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT,
+                       help=f"TCP port; 0 picks a free one (default: {DEFAULT_SERVER_PORT})")
+    serve.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
+                       metavar="BYTES", help="receive and hash buffer (default: 1M)")
+    serve.add_argument("--max-children", type=positive_int, default=64, metavar="N",
+                       help="connections served at once; beyond it a client gets 'busy' at "
+                       "once (default: 64)")
+    serve.add_argument("--idle-timeout", type=positive_float, default=300.0,
+                       metavar="SECONDS", help="close a connection silent for this long "
+                       "(default: 300)")
+    serve.set_defaults(run=run_serve)
+
+    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts.add_argument("-s", "--server", default=os.environ.get("FILESRV_SERVER"),
+                             metavar="HOST:PORT",
+                             help="daemon address (default: $FILESRV_SERVER; port "
+                             f"{DEFAULT_SERVER_PORT} if omitted)")
+    client_opts.add_argument("--json", action="store_true",
+                             help="machine-readable output on stdout")
+    client_opts.add_argument("--no-progress", action="store_true",
+                             help="no progress bar (it is shown only when stderr is a terminal)")
+    client_opts.add_argument("--limit-rate", type=parse_size, default=None,
+                             metavar="BYTES_PER_SECOND",
+                             help="cap the transfer rate, e.g. 10M (K/M/G are powers of 1024)")
+    client_opts.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
+                             metavar="BYTES", help="transfer buffer (default: 1M)")
+    client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
+                             help="give up on a silent server after this long (default: 60)")
+
+    put = sub.add_parser("put", parents=[client_opts], help="upload a file",
+                         description="Upload LOCAL to REMOTE (default: LOCAL's base name; a "
+                         "REMOTE ending in '/' is a directory). Missing remote directories are "
+                         "created. Re-running an interrupted put resumes it.")
+    put.add_argument("local", metavar="LOCAL")
+    put.add_argument("remote", metavar="REMOTE", nargs="?")
+    put.set_defaults(run=run_put)
+
+    get = sub.add_parser("get", parents=[client_opts], help="download a file",
+                         description="Download REMOTE to LOCAL (default: REMOTE's base name "
+                         "here; an existing directory receives the file inside it). The file "
+                         "appears at LOCAL only once verified; re-running an interrupted get "
+                         "resumes from the partial '.NAME.filesrv-part' beside it.")
+    get.add_argument("remote", metavar="REMOTE")
+    get.add_argument("local", metavar="LOCAL", nargs="?")
+    get.set_defaults(run=run_get)
+
+    ls = sub.add_parser("ls", parents=[client_opts], help="list a remote directory",
+                        description="List one remote directory (default: the root).")
+    ls.add_argument("remote", metavar="REMOTE_DIR", nargs="?", default="")
+    ls.set_defaults(run=run_ls)
+    return parser
+
+
+# ---------------------------------------------------------------- commands
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+    return serve(args.root, args.host, args.port, buffer_size=args.buffer_size,
+                 max_children=args.max_children, idle_timeout=args.idle_timeout)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from .client import Client, parse_server
+    if not args.server:
+        raise UsageError("no server given: use -s HOST:PORT or set FILESRV_SERVER")
+    try:
+        host, port = parse_server(args.server)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return Client(host, port, buffer_size=args.buffer_size, limit_rate=args.limit_rate,
+                  timeout=args.timeout)
+
+
+def run_put(args: argparse.Namespace) -> int:
+    name = os.path.basename(args.local.rstrip("/"))
+    remote = args.remote if args.remote is not None else name
+    if remote == "" or remote.endswith("/"):
+        remote += name
+    if os.path.isdir(args.local):
+        raise LocalError(f"{args.local} is a directory")
+    with _client(args) as client, ProgressBar(f"put {remote}", args) as bar:
+        result = client.put(args.local, remote, progress=bar)
+    _report("uploaded", result, args)
+    return 0
+
+
+def run_get(args: argparse.Namespace) -> int:
+    name = args.remote.rstrip("/").rsplit("/", 1)[-1]
+    local = args.local if args.local is not None else name
+    if os.path.isdir(local):
+        local = os.path.join(local, name)
+    elif local.endswith(os.sep):
+        raise LocalError(f"no such directory: {local}")
+    with _client(args) as client, ProgressBar(f"get {args.remote}", args) as bar:
+        result = client.get(args.remote, local, progress=bar)
+    _report("downloaded", result, args)
+    return 0
+
+
+def run_ls(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        entries = client.ls(args.remote)
+    if args.json:
+        print(json.dumps([e.as_dict() for e in entries], ensure_ascii=False))
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+        size = "-" if e.type == "dir" else format_size(e.size)
+        print(f"{size:>10}  {when}  {e.name}{'/' if e.type == 'dir' else ''}")
+    return 0
+
+
+def _report(verb: str, result: Any, args: argparse.Namespace) -> None:
+    if args.json:
+        print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
+        return
+    rate = result.size / result.seconds if result.seconds > 0 else 0.0
+    resumed = f", resumed at {format_size(result.resumed_from)}" if result.resumed_from else ""
+    print(f"{verb} {result.path}: {format_size(result.size)} in {result.seconds:.2f} s "
+          f"({format_size(rate)}/s){resumed}, xxh128 {result.xxh128}", flush=True)
+
+
+class ProgressBar:
+    """A tqdm bar on stderr, only when stderr is a terminal; starts at the resumed offset."""
+
+    def __init__(self, label: str, args: argparse.Namespace) -> None:
+        self.label = label
+        self.enabled = not args.no_progress and sys.stderr.isatty()
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[[int, int], None] | None:
+        return self.update if self.enabled else None
+
+    def update(self, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done, desc=self.label, unit="B",
+                            unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                            dynamic_ncols=True, leave=False)
+        else:
+            self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class UsageError(Exception):
+    """Bad command-line input that argparse could not catch."""
+
+
+# ---------------------------------------------------------------- entry point
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args))
+    except UsageError as exc:
+        parser.error(str(exc))
+    except FilesrvError as exc:
+        print(f"filesrv: {exc.message}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("filesrv: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # stdout closed by a pager or `head`
+        return 1
+    return 1

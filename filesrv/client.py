@@ -1,0 +1,443 @@
+"""The filesrv client: a Python API over one connection, usable without the CLI.
+
+    with Client("127.0.0.1", 8750) as c:
+        c.put("big.iso", "isos/big.iso")
+        c.get("isos/big.iso", "/tmp/big.iso")
+        for entry in c.ls("isos"):
+            print(entry.name, entry.size)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import stat
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import xxhash
+
+from .errors import (BadRequest, Busy, ConnectionFailed, FilesrvError, IntegrityError,
+                     LocalError)
+from .protocol import (PROTOCOL_VERSION, Commit, Data, Entry, Get, Hello, ListDir, Put,
+                       decode_listing, normalize_path, parse_commit_reply, parse_get_reply,
+                       parse_hello_reply, parse_list_reply, parse_path, parse_put_reply)
+from .hashing import hash_fd_range
+from .transport import Channel, PeerClosed
+
+DEFAULT_PORT = 8750
+DEFAULT_BUFFER_SIZE = 1024 * 1024
+DEFAULT_TIMEOUT = 60.0
+BUSY_RETRIES = 4          # attempts when the server answers busy
+BUSY_BACKOFF = 0.25       # seconds before the second attempt; doubles each time
+PARTIAL_SUFFIX = ".filesrv-part"
+
+# progress(done, total): bytes of the file present so far (resumed bytes included)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    """What one get or put did; as_dict() is the --json record."""
+
+    path: str
+    size: int
+    resumed_from: int
+    xxh128: str
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_server(address: str) -> tuple[str, int]:
+    """'HOST:PORT', '[V6]:PORT' or 'HOST' (default port) to (host, port)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+    elif address.count(":") == 1:
+        host, port = address.split(":")
+    else:
+        host, port = address, ""
+    if not host:
+        raise ValueError(f"no host in {address!r}")
+    try:
+        number = int(port) if port else DEFAULT_PORT
+    except ValueError:
+        raise ValueError(f"bad port in {address!r}") from None
+    if not 0 < number < 65536:
+        raise ValueError(f"port out of range in {address!r}")
+    return host, number
+
+
+class RateLimiter:
+    """Keeps the average rate since start at or below `rate` bytes per second."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self.start = time.monotonic()
+        self.count = 0
+
+    def consume(self, n: int) -> None:
+        if not self.rate:
+            return
+        self.count += n
+        ahead = self.count / self.rate - (time.monotonic() - self.start)
+        if ahead > 0:
+            time.sleep(ahead)
+
+
+class Client:
+    """One connection to a filesrv daemon; many commands may run over it."""
+
+    def __init__(self, host: str, port: int = DEFAULT_PORT, *,
+                 buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        if buffer_size < 1:
+            raise ValueError("buffer_size must be at least 1")
+        self.host = host
+        self.port = port
+        self.buffer_size = buffer_size
+        self.limit_rate = limit_rate
+        self.timeout = timeout
+        self.server_agent = ""
+        self._channel: Channel | None = None
+        self._buffer = bytearray(buffer_size)
+
+    # ------------------------------------------------------------ connection
+
+    def __enter__(self) -> "Client":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        """Connect and handshake, retrying with backoff while the server is busy."""
+        delay = BUSY_BACKOFF
+        for attempt in range(1, BUSY_RETRIES + 1):
+            try:
+                self._channel = self._open()
+                return
+            except Busy as exc:
+                if attempt == BUSY_RETRIES:
+                    raise Busy(f"{exc.message} (gave up after {attempt} attempts)") from None
+                time.sleep(delay)
+                delay *= 2
+
+    def _open(self) -> Channel:
+        try:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except OSError as exc:
+            raise ConnectionFailed(
+                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        channel = Channel(sock)
+        try:
+            greeting = parse_hello_reply(self._read(channel))
+            if greeting.version != PROTOCOL_VERSION:
+                raise ConnectionFailed(
+                    f"server speaks protocol {greeting.version}, this client {PROTOCOL_VERSION}")
+            channel.send_frame(Hello(agent="filesrv-client").frame())
+            parse_hello_reply(self._read(channel))
+        except BaseException:
+            channel.close()
+            raise
+        self.server_agent = greeting.server
+        return channel
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    @property
+    def channel(self) -> Channel:
+        if self._channel is None:
+            self.connect()
+        assert self._channel is not None
+        return self._channel
+
+    def _read(self, channel: Channel | None = None) -> dict[str, Any]:
+        try:
+            return (channel or self.channel).read_header()
+        except PeerClosed:
+            raise ConnectionFailed("the server closed the connection") from None
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to the server failed: {exc}") from None
+
+    def _send(self, data: bytes | memoryview) -> None:
+        """Send, and on a broken connection report the server's error if it sent one."""
+        try:
+            self.channel.send_bytes(data)
+        except OSError as exc:
+            self._raise_pending_error(exc)
+
+    def _raise_pending_error(self, exc: OSError) -> None:
+        channel = self.channel
+        try:
+            channel.sock.settimeout(2.0)
+            header = channel.read_header()
+        except (OSError, PeerClosed, FilesrvError):
+            self.close()
+            raise ConnectionFailed(f"connection to the server broke: {exc}") from None
+        self.close()
+        parse_put_reply(header)  # raises the server's error
+        raise ConnectionFailed(f"connection to the server broke: {exc}")
+
+    # ------------------------------------------------------------ ls
+
+    def ls(self, path: str = "") -> list[Entry]:
+        parse_path(path, allow_root=True)
+        self._send(ListDir(path=path).frame())
+        length = parse_list_reply(self._read())
+        try:
+            return decode_listing(self.channel.read_body(length))
+        except OSError as exc:
+            raise ConnectionFailed(f"connection to the server failed: {exc}") from None
+
+    # ------------------------------------------------------------ get
+
+    def get(self, remote: str, local: str, *, progress: Progress | None = None
+            ) -> TransferResult:
+        """Download `remote` to the file `local`, resuming a partial left beside it.
+
+        The partial is renamed to `local` only after the whole-file digest matched.
+        """
+        parse_path(remote)
+        started = time.monotonic()
+        partial = LocalPartial(local)
+        try:
+            result = self._get_into(remote, partial, progress)
+            if result is None:  # a resumed partial did not verify: once more from zero
+                partial.reset()
+                result = self._get_into(remote, partial, progress)
+            if result is None:
+                raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
+                                     "match the server's; the partial was discarded")
+            size, resumed_from, digest = result
+            partial.place()
+        finally:
+            partial.close()
+        return TransferResult(normalize_path(remote), size, resumed_from, digest,
+                              time.monotonic() - started)
+
+    def _get_into(self, remote: str, partial: "LocalPartial", progress: Progress | None
+                  ) -> tuple[int, int, str] | None:
+        offset, etag = partial.resume_point(remote)
+        self._send(Get(path=remote, offset=offset, if_match=etag).frame())
+        reply = parse_get_reply(self._read())
+        if reply.offset != offset:
+            partial.truncate(reply.offset)
+        partial.remember(remote, reply.etag, reply.size)
+        hasher = xxhash.xxh3_128()
+        try:
+            hash_fd_range(partial.fd, 0, reply.offset, hasher, self._buffer)
+        except (OSError, FilesrvError) as exc:
+            raise LocalError(f"cannot read the partial download: {exc}") from None
+        self._receive_body(partial, reply.offset, reply.length, reply.size, hasher, progress)
+        if hasher.hexdigest() != reply.xxh128:
+            partial.reset()
+            if reply.offset:
+                return None
+            raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not match "
+                                 "the server's; the partial was discarded")
+        return reply.size, reply.offset, reply.xxh128
+
+    def _receive_body(self, partial: "LocalPartial", offset: int, length: int, size: int,
+                      hasher: "xxhash.xxh3_128", progress: Progress | None) -> None:
+        view = memoryview(self._buffer)
+        channel = self.channel
+        limiter = RateLimiter(self.limit_rate)
+        position = offset
+        end = offset + length
+        if progress:
+            progress(position, size)
+        while position < end:
+            try:
+                got = channel.read_body_into(view[: min(len(view), end - position)])
+            except (OSError, BadRequest) as exc:
+                self.close()
+                raise ConnectionFailed(
+                    f"connection lost after {position} of {size} bytes ({exc}); "
+                    "run the same command again to resume") from None
+            chunk = view[:got]
+            partial.write(chunk, position)
+            hasher.update(chunk)
+            position += got
+            limiter.consume(got)
+            if progress:
+                progress(position, size)
+
+    # ------------------------------------------------------------ put
+
+    def put(self, local: str, remote: str, *, progress: Progress | None = None
+            ) -> TransferResult:
+        """Upload the file `local` to `remote`, resuming the server's partial if any."""
+        parse_path(remote)
+        started = time.monotonic()
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LocalError(f"cannot open {local}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise LocalError(f"{local} is not a regular file")
+            outcome = self._put_once(fd, st, remote, progress)
+            if outcome is None:
+                # a resumed upload did not verify and the server dropped its partial
+                outcome = self._put_once(fd, st, remote, progress)
+            if outcome is None:
+                raise IntegrityError(f"{remote}: the server's digest did not match twice")
+            resumed_from, digest = outcome
+        finally:
+            os.close(fd)
+        return TransferResult(normalize_path(remote), st.st_size, resumed_from, digest,
+                              time.monotonic() - started)
+
+    def _put_once(self, fd: int, st: os.stat_result, remote: str,
+                  progress: Progress | None) -> tuple[int, str] | None:
+        """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
+        size = st.st_size
+        source = f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}"
+        self._send(Put(path=remote, size=size, source=source).frame())
+        offset = parse_put_reply(self._read()).offset
+        if offset > size:
+            self.close()
+            raise BadRequest(f"server offered to resume at {offset}, beyond {size}")
+        hasher = xxhash.xxh3_128()
+        try:
+            hash_fd_range(fd, 0, offset, hasher, self._buffer)
+        except FilesrvError as exc:
+            self.close()
+            raise LocalError(f"{remote}: local file changed while reading: {exc}") from None
+        self._send(Data(length=size - offset).frame())
+        self._send_body(fd, offset, size, hasher, progress)
+        self._send(Commit(xxh128=hasher.hexdigest()).frame())
+        try:
+            reply = parse_commit_reply(self._read())
+        except IntegrityError:
+            if offset:
+                return None
+            raise
+        return offset, reply.xxh128
+
+    def _send_body(self, fd: int, offset: int, size: int, hasher: "xxhash.xxh3_128",
+                   progress: Progress | None) -> None:
+        view = memoryview(self._buffer)
+        limiter = RateLimiter(self.limit_rate)
+        position = offset
+        if progress:
+            progress(position, size)
+        while position < size:
+            got = os.preadv(fd, [view[: min(len(view), size - position)]], position)
+            if got == 0:
+                self.close()  # the body can no longer be framed
+                raise LocalError("local file shrank while it was being sent")
+            chunk = view[:got]
+            hasher.update(chunk)
+            self._send(chunk)
+            position += got
+            limiter.consume(got)
+            if progress:
+                progress(position, size)
+
+
+class LocalPartial:
+    """The client's partial download beside its destination, locked while in use.
+
+    `.NAME.filesrv-part` holds the bytes; `.NAME.filesrv-part.json` remembers
+    which remote file version (etag) they came from, the resume precondition.
+    """
+
+    def __init__(self, destination: str) -> None:
+        self.destination = destination
+        folder, name = os.path.split(os.path.abspath(destination))
+        self.folder = folder
+        self.path = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+        self.meta_path = self.path + ".json"
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise Busy(f"another filesrv process is downloading to {destination}") from None
+
+    def resume_point(self, remote: str) -> tuple[int, str | None]:
+        """(offset, etag) to resume from, or (0, None) when nothing usable is there."""
+        size = os.fstat(self.fd).st_size
+        try:
+            with open(self.meta_path, encoding="utf-8") as fh:
+                meta = json.load(fh)
+            if meta["remote"] == normalize_path(remote) and 0 < size <= meta["size"]:
+                return size, str(meta["etag"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        self.truncate(0)
+        return 0, None
+
+    def remember(self, remote: str, etag: str, size: int) -> None:
+        record = {"remote": normalize_path(remote), "etag": etag, "size": size}
+        tmp = self.meta_path + ".tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, self.meta_path)
+        except OSError as exc:
+            raise LocalError(f"cannot write {self.meta_path}: {exc.strerror}") from None
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+
+    def write(self, data: memoryview, position: int) -> None:
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], position + done)
+        except OSError as exc:
+            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+
+    def reset(self) -> None:
+        self.truncate(0)
+        self._remove_meta()
+
+    def place(self) -> None:
+        """fsync, rename over the destination atomically, fsync the folder."""
+        try:
+            os.fsync(self.fd)
+            os.replace(self.path, self.destination)
+            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            raise LocalError(f"cannot place {self.destination}: {exc.strerror}") from None
+        self._remove_meta()
+
+    def _remove_meta(self) -> None:
+        try:
+            os.unlink(self.meta_path)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Release the lock; an empty partial is not worth keeping."""
+        if self.fd < 0:
+            return
+        try:
+            if os.fstat(self.fd).st_size == 0 and os.path.exists(self.path):
+                os.unlink(self.path)
+                self._remove_meta()
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1

@@ -1,0 +1,134 @@
+"""Error types with stable machine-readable codes.
+
+Every failure that crosses the wire or reaches the user is a `FilesrvError`
+subclass.  Its `code` is the protocol's error code (docs/PROTOCOL.md) and its
+`exit_status` is what the CLI exits with; both are defined here and nowhere else.
+"""
+
+from __future__ import annotations
+
+
+class FilesrvError(Exception):
+    """Base of every expected failure; `code` is stable and machine-readable."""
+
+    code = "error"
+    exit_status = 1
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message or self.code.replace("_", " "))
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+
+class BadRequest(FilesrvError):
+    """The peer sent a malformed frame or a message that breaks the protocol."""
+
+    code = "bad_request"
+    exit_status = 5
+
+
+class VersionMismatch(FilesrvError):
+    code = "version"
+    exit_status = 5
+
+
+class BadPath(FilesrvError):
+    """A path that is malformed or would leave the served root."""
+
+    code = "bad_path"
+    exit_status = 5
+
+
+class BadRange(FilesrvError):
+    """A resume offset beyond the end of the file."""
+
+    code = "bad_range"
+    exit_status = 5
+
+
+class NotFound(FilesrvError):
+    code = "not_found"
+    exit_status = 4
+
+
+class IsADirectory(FilesrvError):
+    code = "is_a_directory"
+    exit_status = 4
+
+
+class NotADirectory(FilesrvError):
+    code = "not_a_directory"
+    exit_status = 4
+
+
+class Busy(FilesrvError):
+    """The server is at its connection limit, or a lock is held by a live transfer."""
+
+    code = "busy"
+    exit_status = 8
+
+
+class Superseded(FilesrvError):
+    """A newer connection took over this upload's partial file."""
+
+    code = "superseded"
+    exit_status = 8
+
+
+class IntegrityError(FilesrvError):
+    """The XXH3-128 digest of the received bytes did not match."""
+
+    code = "integrity"
+    exit_status = 6
+
+
+class NoSpace(FilesrvError):
+    code = "no_space"
+    exit_status = 7
+
+
+class IoError(FilesrvError):
+    code = "io_error"
+    exit_status = 7
+
+
+class ConnectionFailed(FilesrvError):
+    """Client side only: the server could not be reached or the connection broke."""
+
+    code = "connection"
+    exit_status = 3
+
+
+class LocalError(FilesrvError):
+    """Client side only: a local file could not be read or written."""
+
+    code = "local"
+    exit_status = 9
+
+
+class ServerError(FilesrvError):
+    """An unexpected failure inside the server (a bug); the connection is closed."""
+
+    code = "internal"
+    exit_status = 1
+
+
+ERRORS_BY_CODE: dict[str, type[FilesrvError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest, VersionMismatch, BadPath, BadRange, NotFound, IsADirectory,
+        NotADirectory, Busy, Superseded, IntegrityError, NoSpace, IoError, ServerError,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> FilesrvError:
+    """The exception for an error received from the peer (unknown codes stay generic)."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        err = FilesrvError(f"{message} ({code})")
+        err.code = code
+        return err
+    return cls(message)

@@ -1,0 +1,390 @@
+"""The filesrv wire protocol, sans I/O.
+
+Framing, message construction and validation as pure functions over bytes and
+dicts, shared by the server and the client.  Sockets live in `transport`.
+docs/PROTOCOL.md is the normative description; this module implements it.
+
+A frame is a 4-byte unsigned big-endian length N followed by N bytes of UTF-8
+JSON holding one object (the header).  Three headers announce a body of raw
+bytes that follows the frame immediately: a `data` request, and the ok replies
+to `get` and `ls`; their `length` field gives the body's size.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from .errors import BadPath, BadRequest, FilesrvError, VersionMismatch, error_from_code
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_SIZE = 64 * 1024
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+MAX_TAG_CHARS = 256
+RESERVED_NAME = ".filesrv"  # the server's own state directory at the top of the root
+
+_PREFIX = struct.Struct(">I")
+PREFIX_SIZE = _PREFIX.size
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+
+
+# ---------------------------------------------------------------- framing
+
+def encode_frame(header: Mapping[str, Any]) -> bytes:
+    """One frame: length prefix and compact UTF-8 JSON."""
+    payload = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(payload) > MAX_HEADER_SIZE:
+        raise BadRequest(f"header of {len(payload)} bytes exceeds {MAX_HEADER_SIZE}")
+    return _PREFIX.pack(len(payload)) + payload
+
+
+def parse_length_prefix(prefix: bytes) -> int:
+    """Header length from the 4-byte prefix, refused before anything is allocated."""
+    (length,) = _PREFIX.unpack(prefix)
+    if length > MAX_HEADER_SIZE:
+        raise BadRequest(f"header of {length} bytes exceeds the limit of {MAX_HEADER_SIZE}")
+    return length
+
+
+def decode_header(payload: bytes) -> dict[str, Any]:
+    try:
+        header = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest("header is not a JSON object")
+    return header
+
+
+class FrameBuffer:
+    """Incremental decoder: feed received bytes, take headers and body bytes out.
+
+    Bodies are not parsed: after a header that announces a body, the caller
+    takes exactly that many bytes with `take_body` (and reads the rest of the
+    body straight from the socket, so large bodies are never buffered here).
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def next_header(self) -> dict[str, Any] | None:
+        """The next complete header, or None when more bytes are needed."""
+        if len(self._buf) < PREFIX_SIZE:
+            return None
+        length = parse_length_prefix(bytes(self._buf[:PREFIX_SIZE]))
+        end = PREFIX_SIZE + length
+        if len(self._buf) < end:
+            return None
+        payload = bytes(self._buf[PREFIX_SIZE:end])
+        del self._buf[:end]
+        return decode_header(payload)
+
+    def take_body(self, limit: int) -> bytes:
+        """Up to `limit` already-buffered body bytes."""
+        chunk = bytes(self._buf[:limit])
+        del self._buf[:limit]
+        return chunk
+
+
+# ---------------------------------------------------------------- field checks
+
+def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...],
+           *, optional: bool = False) -> Any:
+    if key not in header or (optional and header[key] is None):
+        if optional:
+            return None
+        raise BadRequest(f"missing field {key!r}")
+    value = header[key]
+    # bool is an int in Python but never a valid integer field on the wire
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise BadRequest(f"field {key!r} has the wrong type")
+    return value
+
+
+def _count(header: Mapping[str, Any], key: str) -> int:
+    value = _field(header, key, int)
+    if value < 0 or value >= 2**63:
+        raise BadRequest(f"field {key!r} out of range")
+    return value
+
+
+def _tag(header: Mapping[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = _field(header, key, str, optional=optional)
+    if value is not None and len(value) > MAX_TAG_CHARS:
+        raise BadRequest(f"field {key!r} is longer than {MAX_TAG_CHARS} characters")
+    return value
+
+
+def _digest(header: Mapping[str, Any], key: str) -> str:
+    value = _field(header, key, str)
+    if not _DIGEST_RE.fullmatch(value):
+        raise BadRequest(f"field {key!r} is not 32 lowercase hex digits")
+    return value
+
+
+def _path(header: Mapping[str, Any], key: str = "path") -> str:
+    value = _field(header, key, str)
+    parse_path(value, allow_root=True)  # syntax only; the op decides about the root
+    return value
+
+
+# ---------------------------------------------------------------- paths
+
+def parse_path(path: str, *, allow_root: bool = False) -> tuple[str, ...]:
+    """Components of a remote path, refusing anything that is not plainly inside the root.
+
+    Rules: "/" separates components; one leading "/" is allowed and means the
+    root; a trailing "/" is allowed only where the root (a directory) may be
+    named; no empty component ("a//b"), no "." or "..", no NUL, no component
+    over 255 UTF-8 bytes, no ".filesrv" as the first component.
+    """
+    if "\x00" in path:
+        raise BadPath("path contains a NUL byte")
+    if len(path.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise BadPath(f"path is longer than {MAX_PATH_BYTES} bytes")
+    body = path[1:] if path.startswith("/") else path
+    if allow_root and body.endswith("/"):
+        body = body[:-1]
+    if body == "":
+        if not allow_root:
+            raise BadPath("path names the root, not a file")
+        return ()
+    parts = tuple(body.split("/"))
+    for part in parts:
+        if part == "":
+            raise BadPath(f"empty path component in {path!r}")
+        if part in (".", ".."):
+            raise BadPath(f"{part!r} is not allowed in a path")
+        try:
+            encoded = part.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadPath("path is not valid UTF-8") from None
+        if len(encoded) > MAX_NAME_BYTES:
+            raise BadPath(f"path component longer than {MAX_NAME_BYTES} bytes")
+    if parts[0] == RESERVED_NAME:
+        raise BadPath(f"{RESERVED_NAME!r} is reserved for the server")
+    return parts
+
+
+def normalize_path(path: str) -> str:
+    """Root-relative form without a leading '/', as reported in --json output."""
+    return "/".join(parse_path(path, allow_root=True))
+
+
+# ---------------------------------------------------------------- requests
+
+@dataclass(frozen=True)
+class Request:
+    op: ClassVar[str]
+
+    def header(self) -> dict[str, Any]:
+        fields = {k: v for k, v in self.__dict__.items()}
+        return {"op": self.op, **fields}
+
+    def frame(self) -> bytes:
+        return encode_frame(self.header())
+
+
+@dataclass(frozen=True)
+class Hello(Request):
+    op: ClassVar[str] = "hello"
+    version: int = PROTOCOL_VERSION
+    agent: str = "filesrv"
+
+
+@dataclass(frozen=True)
+class ListDir(Request):
+    op: ClassVar[str] = "ls"
+    path: str = ""
+
+
+@dataclass(frozen=True)
+class Get(Request):
+    op: ClassVar[str] = "get"
+    path: str
+    offset: int = 0
+    if_match: str | None = None
+
+
+@dataclass(frozen=True)
+class Put(Request):
+    op: ClassVar[str] = "put"
+    path: str
+    size: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Data(Request):
+    op: ClassVar[str] = "data"
+    length: int
+
+
+@dataclass(frozen=True)
+class Commit(Request):
+    op: ClassVar[str] = "commit"
+    xxh128: str
+
+
+def _parse_hello(h: Mapping[str, Any]) -> Hello:
+    version = _count(h, "version")
+    agent = _tag(h, "agent", optional=True) or ""
+    return Hello(version=version, agent=agent)
+
+
+def _parse_get(h: Mapping[str, Any]) -> Get:
+    return Get(path=_path(h), offset=_count(h, "offset"),
+               if_match=_tag(h, "if_match", optional=True))
+
+
+def _parse_put(h: Mapping[str, Any]) -> Put:
+    return Put(path=_path(h), size=_count(h, "size"), source=_tag(h, "source") or "")
+
+
+_PARSERS = {
+    "hello": _parse_hello,
+    "ls": lambda h: ListDir(path=_path(h)),
+    "get": _parse_get,
+    "put": _parse_put,
+    "data": lambda h: Data(length=_count(h, "length")),
+    "commit": lambda h: Commit(xxh128=_digest(h, "xxh128")),
+}
+
+
+def parse_request(header: Mapping[str, Any]) -> Request:
+    """Validate a request header completely; raises BadRequest or BadPath."""
+    op = _field(header, "op", str)
+    parser = _PARSERS.get(op)
+    if parser is None:
+        raise BadRequest(f"unknown op {op!r}")
+    return parser(header)
+
+
+def check_version(hello: Hello) -> None:
+    if hello.version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"protocol version {hello.version} is not supported (server speaks {PROTOCOL_VERSION})")
+
+
+# ---------------------------------------------------------------- replies
+
+def error_reply(error: FilesrvError) -> dict[str, Any]:
+    return {"ok": False, "code": error.code, "message": error.message}
+
+
+def ok_reply(**fields: Any) -> dict[str, Any]:
+    return {"ok": True, **fields}
+
+
+def check_reply(header: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The header of an ok reply; an error reply is raised as its FilesrvError."""
+    ok = _field(header, "ok", bool)
+    if not ok:
+        code = _field(header, "code", str)
+        message = _field(header, "message", str)
+        raise error_from_code(code, message)
+    return header
+
+
+@dataclass(frozen=True)
+class HelloReply:
+    version: int
+    server: str
+
+
+@dataclass(frozen=True)
+class GetReply:
+    size: int
+    offset: int
+    length: int
+    etag: str
+    xxh128: str
+
+
+@dataclass(frozen=True)
+class PutReply:
+    offset: int
+
+
+@dataclass(frozen=True)
+class CommitReply:
+    size: int
+    xxh128: str
+
+
+def parse_hello_reply(header: Mapping[str, Any]) -> HelloReply:
+    h = check_reply(header)
+    return HelloReply(version=_count(h, "version"), server=_tag(h, "server") or "")
+
+
+def parse_get_reply(header: Mapping[str, Any]) -> GetReply:
+    h = check_reply(header)
+    reply = GetReply(size=_count(h, "size"), offset=_count(h, "offset"),
+                     length=_count(h, "length"), etag=_tag(h, "etag") or "",
+                     xxh128=_digest(h, "xxh128"))
+    if reply.offset + reply.length != reply.size:
+        raise BadRequest("get reply: offset + length != size")
+    return reply
+
+
+def parse_put_reply(header: Mapping[str, Any]) -> PutReply:
+    return PutReply(offset=_count(check_reply(header), "offset"))
+
+
+def parse_commit_reply(header: Mapping[str, Any]) -> CommitReply:
+    h = check_reply(header)
+    return CommitReply(size=_count(h, "size"), xxh128=_digest(h, "xxh128"))
+
+
+def parse_list_reply(header: Mapping[str, Any]) -> int:
+    """Length of the listing body that follows."""
+    return _count(check_reply(header), "length")
+
+
+# ---------------------------------------------------------------- listings
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    type: str  # "file" or "dir"
+    size: int
+    mtime: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.type, "size": self.size, "mtime": self.mtime}
+
+
+def encode_listing(entries: list[Entry]) -> bytes:
+    return json.dumps([e.as_dict() for e in entries], separators=(",", ":"),
+                      ensure_ascii=False).encode()
+
+
+def decode_listing(body: bytes) -> list[Entry]:
+    try:
+        items = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("listing body is not UTF-8 JSON") from None
+    if not isinstance(items, list):
+        raise BadRequest("listing body is not a JSON array")
+    entries = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise BadRequest("listing entry is not an object")
+        kind = _field(item, "type", str)
+        if kind not in ("file", "dir"):
+            raise BadRequest(f"listing entry has unknown type {kind!r}")
+        mtime = _field(item, "mtime", (int, float))
+        entries.append(Entry(name=_field(item, "name", str), type=kind,
+                             size=_count(item, "size"), mtime=float(mtime)))
+    return entries

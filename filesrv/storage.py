@@ -1,0 +1,455 @@
+"""The served root: path confinement, partial uploads, atomic placement, locks, digests.
+
+Every path a client names is resolved here, one component at a time, relative
+to directory handles already held (`dir_fd` + `O_NOFOLLOW`), so neither `..`
+nor a symlink (even one swapped in mid-transfer) can lead a read or a write out
+of the root.  Symlinks inside the root are followed as long as they stay in it.
+
+Server state lives in `<root>/.filesrv/` (never listed, never served):
+  partials/<key>.part   uploads in progress, locked by their writer (POSIX lock)
+  digests/<dev>-<ino>   XXH3-128 of served files, keyed by file identity
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import stat
+import struct
+import time
+from dataclasses import dataclass
+
+import xxhash
+
+from .errors import (BadPath, BadRange, Busy, FilesrvError, IntegrityError, IoError,
+                     IsADirectory, NoSpace, NotADirectory, NotFound)
+from .hashing import hash_fd_range
+from .protocol import RESERVED_NAME, Entry
+
+_MAX_SYMLINK_HOPS = 40
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TAKEOVER_WAIT = 5.0  # seconds a new upload waits for a superseded holder to let go
+TAKEOVER_SIGNAL = signal.SIGUSR1
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
+
+
+def io_error(exc: OSError, what: str) -> FilesrvError:
+    """Map an OSError raised while touching storage to the protocol's error."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left on the server while {what}")
+    return IoError(f"I/O error while {what}: {exc.strerror}")
+
+
+@dataclass
+class ReadableFile:
+    """A regular file opened for serving; `etag` names this version of it."""
+
+    fd: int
+    size: int
+    etag: str
+    identity: tuple[int, int, int, int]
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Storage:
+    """Owns the served root; all access to it goes through here."""
+
+    def __init__(self, root: str, buffer_size: int = 1024 * 1024) -> None:
+        os.makedirs(root, exist_ok=True)
+        self.root = os.path.realpath(root)
+        self.buffer_size = buffer_size
+        self.root_fd = os.open(self.root, _DIR_FLAGS)
+        self.state_fd = self._ensure_dir(self.root_fd, RESERVED_NAME)
+        self.partials_fd = self._ensure_dir(self.state_fd, "partials")
+        self.digests_fd = self._ensure_dir(self.state_fd, "digests")
+
+    @staticmethod
+    def _ensure_dir(parent_fd: int, name: str) -> int:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+
+    # ------------------------------------------------------------ resolution
+
+    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool,
+                 create_parents: bool = False, missing_parents_ok: bool = False
+                 ) -> tuple[int, str | None] | None:
+        """Walk `parts` from the root: (fd of the parent directory, final name).
+
+        The final name is None for the root itself.  Symlinks are spliced in
+        and must stay inside the root.  With `missing_parents_ok`, a missing
+        parent directory returns None instead of raising NotFound.
+        The caller closes the returned fd.
+        """
+        stack = [os.dup(self.root_fd)]
+        todo = list(parts)
+        hops = 0
+        try:
+            while todo:
+                name = todo.pop(0)
+                if name in ("", "."):
+                    continue
+                if name == "..":
+                    if len(stack) == 1:
+                        raise BadPath("path leads outside the root")
+                    os.close(stack.pop())
+                    continue
+                if len(stack) == 1 and name == RESERVED_NAME:
+                    raise BadPath(f"{RESERVED_NAME!r} is reserved for the server")
+                is_last = not todo
+                try:
+                    st = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
+                except FileNotFoundError:
+                    if is_last:
+                        return stack.pop(), name
+                    if create_parents:
+                        self._mkdir(stack[-1], name)
+                        stack.append(os.open(name, _DIR_FLAGS, dir_fd=stack[-1]))
+                        continue
+                    if missing_parents_ok:
+                        return None
+                    raise NotFound(f"no such directory: {name!r}") from None
+                except NotADirectoryError:
+                    raise NotADirectory("a parent in the path is not a directory") from None
+                if stat.S_ISLNK(st.st_mode) and (follow_last or not is_last):
+                    hops += 1
+                    if hops > _MAX_SYMLINK_HOPS:
+                        raise BadPath("too many levels of symbolic links")
+                    target = os.readlink(name, dir_fd=stack[-1])
+                    if target.startswith("/"):
+                        target = self._inside_root(target)
+                        for fd in stack[1:]:
+                            os.close(fd)
+                        del stack[1:]
+                    todo[:0] = target.split("/")
+                    continue
+                if is_last:
+                    return stack.pop(), name
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotADirectory(f"{name!r} in the path is not a directory")
+                try:
+                    stack.append(os.open(name, _DIR_FLAGS, dir_fd=stack[-1]))
+                except NotADirectoryError:  # swapped for a symlink or file since the stat
+                    raise BadPath(f"{name!r} changed while the path was resolved") from None
+            return stack.pop(), None
+        except OSError as exc:
+            raise io_error(exc, "resolving a path") from None
+        finally:
+            for fd in stack:
+                os.close(fd)
+
+    def _inside_root(self, target: str) -> str:
+        rel = os.path.relpath(os.path.normpath(target), self.root)
+        if rel == "." :
+            return ""
+        if rel == ".." or rel.startswith("../"):
+            raise BadPath("a symlink in the path leads outside the root")
+        return rel
+
+    @staticmethod
+    def _mkdir(parent_fd: int, name: str) -> None:
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            pass
+
+    def _open_dir(self, parts: tuple[str, ...]) -> int:
+        resolved = self._resolve(parts, follow_last=True)
+        assert resolved is not None
+        parent_fd, name = resolved
+        if name is None:
+            return parent_fd
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        except FileNotFoundError:
+            raise NotFound(f"no such directory: {'/'.join(parts)!r}") from None
+        except NotADirectoryError:
+            raise NotADirectory(f"not a directory: {'/'.join(parts)!r}") from None
+        finally:
+            os.close(parent_fd)
+
+    # ------------------------------------------------------------ reading
+
+    def open_for_read(self, parts: tuple[str, ...]) -> ReadableFile:
+        if not parts:
+            raise IsADirectory("the root is a directory")
+        resolved = self._resolve(parts, follow_last=True)
+        assert resolved is not None
+        parent_fd, name = resolved
+        shown = "/".join(parts)
+        try:
+            # O_NONBLOCK: opening a FIFO someone placed in the root must not hang us
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=parent_fd)
+        except FileNotFoundError:
+            raise NotFound(f"no such file: {shown!r}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadPath(f"{shown!r} changed while the path was resolved") from None
+            raise io_error(exc, "opening a file") from None
+        finally:
+            os.close(parent_fd)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectory(f"{shown!r} is a directory")
+            raise BadPath(f"{shown!r} is not a regular file")
+        os.set_blocking(fd, True)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return ReadableFile(fd=fd, size=st.st_size, etag="%x-%x-%x-%x" % identity,
+                            identity=identity)
+
+    def digest_of(self, f: ReadableFile) -> str:
+        """Whole-file XXH3-128, from the cache when this version was hashed before."""
+        cached = self._cached_digest(f.identity)
+        if cached is not None:
+            return cached
+        hasher = xxhash.xxh3_128()
+        hash_fd_range(f.fd, 0, f.size, hasher, bytearray(self.buffer_size))
+        digest = hasher.hexdigest()
+        st = os.fstat(f.fd)
+        if (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged while we read it
+            self._store_digest(f.identity, digest)
+        return digest
+
+    def _cached_digest(self, identity: tuple[int, int, int, int]) -> str | None:
+        dev, ino, size, mtime_ns = identity
+        try:
+            with open(f"{dev:x}-{ino:x}", "rb", opener=self._digest_opener) as fh:
+                record = json.loads(fh.read())
+            if record["size"] == size and record["mtime_ns"] == mtime_ns:
+                return str(record["xxh128"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return None
+
+    def _store_digest(self, identity: tuple[int, int, int, int], digest: str) -> None:
+        """Best effort: a lost or torn cache entry only costs a re-hash."""
+        dev, ino, size, mtime_ns = identity
+        name = f"{dev:x}-{ino:x}"
+        tmp = f"{name}.{os.getpid()}.tmp"
+        record = json.dumps({"size": size, "mtime_ns": mtime_ns, "xxh128": digest})
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
+                         dir_fd=self.digests_fd)
+            try:
+                os.write(fd, record.encode())
+            finally:
+                os.close(fd)
+            os.rename(tmp, name, src_dir_fd=self.digests_fd, dst_dir_fd=self.digests_fd)
+        except OSError:
+            pass
+
+    def _digest_opener(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_NOFOLLOW, dir_fd=self.digests_fd)
+
+    # ------------------------------------------------------------ listing
+
+    def list_dir(self, parts: tuple[str, ...]) -> list[Entry]:
+        dir_fd = self._open_dir(parts)
+        entries = []
+        try:
+            with os.scandir(dir_fd) as it:
+                for item in it:
+                    if not parts and item.name == RESERVED_NAME:
+                        continue
+                    entry = self._entry(parts, item)
+                    if entry is not None:
+                        entries.append(entry)
+        finally:
+            os.close(dir_fd)
+        entries.sort(key=lambda e: e.name)
+        return entries
+
+    def _entry(self, parts: tuple[str, ...], item: os.DirEntry) -> Entry | None:
+        try:
+            st = item.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                st = self._stat_inside(parts + (item.name,))
+        except (OSError, FilesrvError):
+            return None  # dangling, or leading outside the root: not ours to show
+        if stat.S_ISDIR(st.st_mode):
+            return Entry(item.name, "dir", 0, st.st_mtime)
+        if stat.S_ISREG(st.st_mode):
+            return Entry(item.name, "file", st.st_size, st.st_mtime)
+        return None
+
+    def _stat_inside(self, parts: tuple[str, ...]) -> os.stat_result:
+        resolved = self._resolve(parts, follow_last=True)
+        assert resolved is not None
+        parent_fd, name = resolved
+        try:
+            if name is None:
+                return os.fstat(parent_fd)
+            return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        finally:
+            os.close(parent_fd)
+
+    # ------------------------------------------------------------ uploads
+
+    def begin_upload(self, parts: tuple[str, ...], size: int, source: str) -> "PartialUpload":
+        """Claim (or take over) the partial for this path, size and source version."""
+        if not parts:
+            raise IsADirectory("the root is a directory")
+        self._check_destination(parts)
+        key = hashlib.sha256("\0".join(["/".join(parts), str(size), source]).encode()
+                             ).hexdigest()[:40]
+        return PartialUpload(self, parts, size, f"{key}.part")
+
+    def _check_destination(self, parts: tuple[str, ...]) -> None:
+        """Refuse before any byte moves if the final name cannot be a file."""
+        resolved = self._resolve(parts, follow_last=False, missing_parents_ok=True)
+        if resolved is None:
+            return
+        parent_fd, name = resolved
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        finally:
+            os.close(parent_fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectory(f"{'/'.join(parts)!r} is a directory")
+
+    def place(self, partial_name: str, parts: tuple[str, ...]) -> None:
+        """Rename a finished partial to its final name, atomically and durably."""
+        resolved = self._resolve(parts, follow_last=False, create_parents=True)
+        assert resolved is not None
+        parent_fd, name = resolved
+        try:
+            os.rename(partial_name, name, src_dir_fd=self.partials_fd, dst_dir_fd=parent_fd)
+            os.fsync(parent_fd)
+        except IsADirectoryError:
+            raise IsADirectory(f"{'/'.join(parts)!r} is a directory") from None
+        except OSError as exc:
+            raise io_error(exc, "placing the file") from None
+        finally:
+            os.close(parent_fd)
+
+
+def _lock_holder(fd: int) -> int:
+    """PID of the process holding a POSIX write lock on fd, or 0 if none is visible."""
+    query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return pid if l_type != fcntl.F_UNLCK else 0
+
+
+class PartialUpload:
+    """An upload in progress: a locked partial file, verified before it is placed.
+
+    The partial is keyed by path, size and the client's source tag, so a changed
+    local file never resumes onto bytes of an older version.  A new connection
+    for the same key takes over from a holder that is still alive (stalled, or
+    abandoned by its client) by signalling it, rather than waiting for its
+    idle timeout.
+    """
+
+    def __init__(self, storage: Storage, parts: tuple[str, ...], size: int, name: str) -> None:
+        self.storage = storage
+        self.parts = parts
+        self.size = size
+        self.name = name
+        self.fd = self._claim()
+        try:
+            self.offset = os.fstat(self.fd).st_size
+            if self.offset > size:  # cannot be ours: start over
+                os.ftruncate(self.fd, 0)
+                self.offset = 0
+            self.written = self.offset
+            self.hasher = xxhash.xxh3_128()
+            hash_fd_range(self.fd, 0, self.offset, self.hasher,
+                          bytearray(storage.buffer_size))
+        except OSError as exc:
+            self.close()
+            raise io_error(exc, "reading the partial upload") from None
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def resume_offset(self) -> int:
+        return self.offset
+
+    def _claim(self) -> int:
+        pfd = self.storage.partials_fd
+        deadline = time.monotonic() + _TAKEOVER_WAIT
+        signalled = 0
+        while True:
+            fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o644, dir_fd=pfd)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _lock_holder(fd)
+                os.close(fd)
+                if holder and holder != signalled:
+                    try:
+                        os.kill(holder, TAKEOVER_SIGNAL)
+                        signalled = holder
+                    except ProcessLookupError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise Busy("another transfer of this file is in progress") from None
+                time.sleep(0.02)
+                continue
+            # the lock is only meaningful on the file still linked at this name
+            try:
+                same = os.stat(self.name, dir_fd=pfd, follow_symlinks=False).st_ino == \
+                    os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def write(self, data: memoryview) -> None:
+        if self.written + len(data) > self.size:
+            raise IoError("more bytes than announced")
+        try:
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], self.written + done)
+        except OSError as exc:
+            raise io_error(exc, "writing the upload") from None
+        self.hasher.update(data)
+        self.written += len(data)
+
+    def commit(self, digest: str) -> str:
+        """Verify, flush and place the file; returns the digest."""
+        if self.written != self.size:
+            raise IoError(f"upload has {self.written} of {self.size} bytes")
+        actual = self.hasher.hexdigest()
+        if actual != digest:
+            self.discard()
+            raise IntegrityError(
+                f"XXH3-128 mismatch: received {actual}, client sent {digest}; "
+                "the partial upload was discarded")
+        try:
+            os.fsync(self.fd)
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            raise io_error(exc, "flushing the upload") from None
+        self.storage.place(self.name, self.parts)
+        self.storage._store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), actual)
+        return actual
+
+    def discard(self) -> None:
+        try:
+            os.unlink(self.name, dir_fd=self.storage.partials_fd)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        """Release the lock; an unfinished partial stays for a later resume."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

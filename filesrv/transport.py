@@ -1,0 +1,78 @@
+"""Socket I/O for the protocol: the edge where frames meet a real connection.
+
+Shared by server and client.  Headers go through `protocol.FrameBuffer`; body
+bytes are received straight into the caller's buffer (after draining whatever
+the header read already pulled in), so large bodies are never copied twice.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Mapping
+
+from .errors import BadRequest
+from .protocol import FrameBuffer, encode_frame
+
+_HEADER_READ = 64 * 1024
+
+
+class PeerClosed(Exception):
+    """The peer closed the connection cleanly between two frames."""
+
+
+class Channel:
+    """One framed connection: send headers and bodies, receive headers and bodies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._frames = FrameBuffer()
+
+    # -- sending
+    def send_header(self, header: Mapping[str, Any]) -> None:
+        self.sock.sendall(encode_frame(header))
+
+    def send_frame(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def send_bytes(self, data: bytes | memoryview) -> None:
+        self.sock.sendall(data)
+
+    # -- receiving
+    def read_header(self) -> dict[str, Any]:
+        """The next header; PeerClosed on a clean EOF before it, BadRequest on a torn one."""
+        while True:
+            header = self._frames.next_header()
+            if header is not None:
+                return header
+            data = self.sock.recv(_HEADER_READ)
+            if not data:
+                if self._frames.buffered:
+                    raise BadRequest("connection closed in the middle of a header")
+                raise PeerClosed()
+            self._frames.feed(data)
+
+    def read_body_into(self, view: memoryview) -> int:
+        """Receive up to len(view) body bytes into view; at least one, or BadRequest at EOF."""
+        if self._frames.buffered:
+            chunk = self._frames.take_body(len(view))
+            view[: len(chunk)] = chunk
+            return len(chunk)
+        got = self.sock.recv_into(view)
+        if got == 0:
+            raise BadRequest("connection closed in the middle of a body")
+        return got
+
+    def read_body(self, length: int) -> bytes:
+        """A whole small body (listings) as bytes."""
+        buf = bytearray(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            done += self.read_body_into(view[done:])
+        return bytes(buf)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
