@@ -73,6 +73,11 @@ def parse_server(address: str) -> tuple[str, int]:
     return host, number
 
 
+def source_tag(st: os.stat_result) -> str:
+    """Names this version of a local file, so a changed file never resumes an old partial."""
+    return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}"
+
+
 class RateLimiter:
     """Keeps the average rate since start at or below `rate` bytes per second."""
 
@@ -304,8 +309,7 @@ class Client:
                   progress: Progress | None) -> tuple[int, str] | None:
         """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
         size = st.st_size
-        source = f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}"
-        self._send(Put(path=remote, size=size, source=source).frame())
+        self._send(Put(path=remote, size=size, source=source_tag(st)).frame())
         offset = parse_put_reply(self._read()).offset
         if offset > size:
             self.close()

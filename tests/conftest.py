@@ -1,0 +1,230 @@
+"""Fixtures that run the real daemon and the real CLI as subprocesses on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from filesrv.protocol import (PREFIX_SIZE, Hello, encode_frame,  # noqa: E402
+                              parse_length_prefix, decode_header)
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+ENV.pop("FILESRV_SERVER", None)
+CLI = [sys.executable, "-m", "filesrv"]
+START_TIMEOUT = 15.0
+
+
+class Daemon:
+    """`filesrv serve` on a free loopback port; stopped by its PID at teardown."""
+
+    def __init__(self, root: Path, log_path: Path, *extra: str) -> None:
+        self.root = root
+        self.log_path = log_path
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> "Daemon":
+        self.log = open(self.log_path, "ab")
+        # its own session, so a crash test can SIGKILL the daemon and its children at once
+        self.proc = subprocess.Popen(
+            [*CLI, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", "0",
+             *self.extra],
+            stdout=subprocess.PIPE, stderr=self.log, env=ENV, start_new_session=True)
+        line = _read_line(self.proc, START_TIMEOUT)
+        assert "listening on 127.0.0.1:" in line, f"daemon did not start: {line!r}"
+        self.port = int(line.split("listening on 127.0.0.1:")[1].split()[0])
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def crash(self) -> None:
+        """SIGKILL the daemon and every child it forked."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.log.close()
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        try:  # children left behind by a crash() of this same group
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data and time.monotonic() < deadline:
+        if sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            data += chunk
+    sel.close()
+    return data.decode(errors="replace")
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path) -> Iterator[Any]:
+    started: list[Daemon] = []
+
+    def make(*extra: str, root: Path | None = None) -> Daemon:
+        d = Daemon(root or tmp_path / "root", tmp_path / f"daemon{len(started)}.log", *extra)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> Daemon:
+    return daemon_factory()
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 60,
+        check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the filesrv CLI to completion."""
+    proc = subprocess.run([*CLI, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"filesrv {' '.join(args)} exited {proc.returncode}: "
+                             f"{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str, cwd: Path | None = None, timeout: float = 60) -> Any:
+    out = cli(*args, "--json", cwd=cwd, timeout=timeout).stdout
+    return json.loads(out)
+
+
+def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([*CLI, *args], cwd=cwd, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def random_file(path: Path, size: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 1 << 20))
+            fh.write(chunk)
+            remaining -= len(chunk)
+    return path
+
+
+def xxh128_of(path: Path) -> str:
+    import xxhash
+    h = xxhash.xxh3_128()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RawConnection:
+    """A hand-driven protocol connection, for hostile and malformed input."""
+
+    def __init__(self, port: int, *, handshake: bool = True, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+        if handshake:
+            greeting = self.read_header()
+            assert greeting["ok"] is True
+            self.sock.sendall(Hello().frame())
+            assert self.read_header()["ok"] is True
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, header: dict[str, Any]) -> dict[str, Any]:
+        self.sock.sendall(encode_frame(header))
+        return self.read_header()
+
+    def _recv_exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the connection")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def read_header(self) -> dict[str, Any]:
+        length = parse_length_prefix(self._recv_exactly(PREFIX_SIZE))
+        return decode_header(self._recv_exactly(length))
+
+    def read_body(self, n: int) -> bytes:
+        return self._recv_exactly(n)
+
+    def closed_by_server(self) -> bool:
+        """True once the server has closed (EOF), reading off anything it still sends."""
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+        except ConnectionResetError:
+            return True
+        except (socket.timeout, TimeoutError):
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_connections() -> Iterator[list[RawConnection]]:
+    conns: list[RawConnection] = []
+    yield conns
+    for c in conns:
+        c.close()

@@ -1,0 +1,161 @@
+"""The storage module on a real temporary root: confinement, partials, placement."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from filesrv.errors import (BadPath, IntegrityError, IsADirectory, NotADirectory,
+                            NotFound)
+from filesrv.storage import Storage
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "root"
+    r.mkdir()
+    (r / "dir").mkdir()
+    (r / "dir" / "inside.txt").write_bytes(b"inside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.txt").write_bytes(b"secret")
+    return r
+
+
+def read(storage: Storage, *parts: str) -> bytes:
+    f = storage.open_for_read(parts)
+    try:
+        return os.pread(f.fd, f.size, 0)
+    finally:
+        f.close()
+
+
+def upload(storage: Storage, parts: tuple[str, ...], data: bytes, source: str = "s") -> None:
+    up = storage.begin_upload(parts, len(data), source)
+    try:
+        up.write(memoryview(data)[up.resume_offset:])
+        up.commit(xxhash.xxh3_128(data).hexdigest())
+    finally:
+        up.close()
+
+
+def test_serve_creates_a_missing_root(tmp_path: Path):
+    Storage(str(tmp_path / "new" / "root"))
+    assert (tmp_path / "new" / "root").is_dir()
+
+
+def test_symlink_inside_the_root_is_followed(root: Path):
+    (root / "alias").symlink_to("dir")
+    (root / "abs").symlink_to(root / "dir" / "inside.txt")
+    s = Storage(str(root))
+    assert read(s, "alias", "inside.txt") == b"inside"
+    assert read(s, "abs") == b"inside"
+
+
+@pytest.mark.parametrize("target,parts", [
+    ("../outside", ("escape", "secret.txt")),
+    ("../outside/secret.txt", ("escape",)),
+    ("/etc", ("escape", "passwd")),
+    ("dir/../../outside", ("escape", "secret.txt")),
+])
+def test_symlinks_leading_out_of_the_root_are_refused(root: Path, target: str, parts):
+    (root / "escape").symlink_to(target)
+    s = Storage(str(root))
+    with pytest.raises(BadPath):
+        read(s, *parts)
+    with pytest.raises(BadPath):
+        upload(s, ("escape", "new.bin"), b"x")
+    assert sorted(os.listdir(root.parent / "outside")) == ["secret.txt"]
+
+
+def test_symlink_into_the_state_directory_is_refused(root: Path):
+    s = Storage(str(root))
+    (root / "sneaky").symlink_to(".filesrv/partials")
+    with pytest.raises(BadPath):
+        s.list_dir(("sneaky",))
+
+
+def test_listing_hides_state_and_escaping_symlinks(root: Path):
+    (root / "escape").symlink_to("../outside")
+    (root / "alias").symlink_to("dir")
+    os.mkfifo(root / "fifo")
+    s = Storage(str(root))
+    names = {(e.name, e.type) for e in s.list_dir(())}
+    assert names == {("dir", "dir"), ("alias", "dir")}
+
+
+def test_fifo_is_refused_without_blocking(root: Path):
+    os.mkfifo(root / "fifo")
+    with pytest.raises(BadPath, match="not a regular file"):
+        read(Storage(str(root)), "fifo")
+
+
+def test_directory_where_a_file_is_expected_and_the_reverse(root: Path):
+    s = Storage(str(root))
+    with pytest.raises(IsADirectory):
+        read(s, "dir")
+    with pytest.raises(IsADirectory):
+        upload(s, ("dir",), b"x")
+    with pytest.raises(NotADirectory):
+        upload(s, ("dir", "inside.txt", "x"), b"x")
+    with pytest.raises(NotADirectory):
+        s.list_dir(("dir", "inside.txt"))
+    with pytest.raises(NotFound):
+        read(s, "missing")
+    assert (root / "dir" / "inside.txt").read_bytes() == b"inside"
+
+
+def test_upload_creates_parents_and_places_atomically(root: Path):
+    s = Storage(str(root))
+    upload(s, ("a", "b", "c.bin"), b"payload")
+    assert (root / "a" / "b" / "c.bin").read_bytes() == b"payload"
+    assert os.listdir(root / ".filesrv" / "partials") == []
+
+
+def test_digest_mismatch_discards_the_partial_and_places_nothing(root: Path):
+    s = Storage(str(root))
+    up = s.begin_upload(("x.bin",), 3, "s")
+    up.write(memoryview(b"abc"))
+    with pytest.raises(IntegrityError):
+        up.commit("0" * 32)
+    up.close()
+    assert not (root / "x.bin").exists()
+    assert os.listdir(root / ".filesrv" / "partials") == []
+
+
+def test_unfinished_upload_resumes_from_its_partial(root: Path):
+    s = Storage(str(root))
+    data = os.urandom(10_000)
+    first = s.begin_upload(("r.bin",), len(data), "v1")
+    first.write(memoryview(data)[:4000])
+    first.close()
+    second = s.begin_upload(("r.bin",), len(data), "v1")
+    assert second.resume_offset == 4000
+    second.write(memoryview(data)[4000:])
+    second.commit(xxhash.xxh3_128(data).hexdigest())
+    second.close()
+    assert (root / "r.bin").read_bytes() == data
+
+
+def test_a_different_source_version_never_resumes_an_old_partial(root: Path):
+    s = Storage(str(root))
+    first = s.begin_upload(("r.bin",), 100, "v1")
+    first.write(memoryview(b"x" * 50))
+    first.close()
+    other = s.begin_upload(("r.bin",), 100, "v2")
+    assert other.resume_offset == 0
+    other.close()
+
+
+def test_digest_cache_is_keyed_by_file_identity(root: Path):
+    s = Storage(str(root))
+    path = root / "dir" / "inside.txt"
+    f = s.open_for_read(("dir", "inside.txt"))
+    assert s.digest_of(f) == xxhash.xxh3_128(b"inside").hexdigest()
+    f.close()
+    path.write_bytes(b"changed!")  # same inode, new size and mtime
+    f = s.open_for_read(("dir", "inside.txt"))
+    assert s.digest_of(f) == xxhash.xxh3_128(b"changed!").hexdigest()
+    f.close()
