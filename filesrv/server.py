@@ -185,6 +185,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _fail_mid_body(self, error: FilesrvError) -> None:
         """Report an error while the client may still be sending, then close."""
         self._send_error(error)
+        if isinstance(error, Superseded):  # its client is gone or stalled: nobody to drain
+            raise _CloseConnection(error.code)
         try:
             self.request.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _DRAIN_SECONDS
