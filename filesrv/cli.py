@@ -222,7 +222,8 @@ def _report(verb: str, result: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
         return
-    rate = result.size / result.seconds if result.seconds > 0 else 0.0
+    moved = result.size - result.resumed_from
+    rate = moved / result.seconds if result.seconds > 0 else 0.0
     resumed = f", resumed at {format_size(result.resumed_from)}" if result.resumed_from else ""
     print(f"{verb} {result.path}: {format_size(result.size)} in {result.seconds:.2f} s "
           f"({format_size(rate)}/s){resumed}, xxh128 {result.xxh128}", flush=True)

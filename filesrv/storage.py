@@ -218,7 +218,7 @@ class Storage:
         digest = hasher.hexdigest()
         st = os.fstat(f.fd)
         if (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged while we read it
-            self._store_digest(f.identity, digest)
+            self.store_digest(f.identity, digest)
         return digest
 
     def _cached_digest(self, identity: tuple[int, int, int, int]) -> str | None:
@@ -232,7 +232,7 @@ class Storage:
             pass
         return None
 
-    def _store_digest(self, identity: tuple[int, int, int, int], digest: str) -> None:
+    def store_digest(self, identity: tuple[int, int, int, int], digest: str) -> None:
         """Best effort: a lost or torn cache entry only costs a re-hash."""
         dev, ino, size, mtime_ns = identity
         name = f"{dev:x}-{ino:x}"
@@ -439,7 +439,7 @@ class PartialUpload:
         except OSError as exc:
             raise io_error(exc, "flushing the upload") from None
         self.storage.place(self.name, self.parts)
-        self.storage._store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), actual)
+        self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), actual)
         return actual
 
     def discard(self) -> None:
