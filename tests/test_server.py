@@ -283,3 +283,27 @@ def test_help_teaches_the_commands(tmp_path):
         assert word in out
     assert "--limit-rate" in cli("get", "--help").stdout
     assert "--max-children" in cli("serve", "--help").stdout
+
+
+def test_a_client_speaking_another_protocol_version_is_refused_cleanly(daemon, tmp_path):
+    conn = RawConnection(daemon.port, handshake=False)
+    try:
+        assert conn.read_header()["version"] == 1
+        reply = conn.request({"op": "hello", "version": 2, "agent": "future"})
+        assert reply["ok"] is False and reply["code"] == "version"
+        assert "version 2" in reply["message"]
+        assert conn.closed_by_server()
+    finally:
+        conn.close()
+    assert serves_normally(daemon, tmp_path)
+
+
+def test_the_first_request_must_be_hello(daemon):
+    conn = RawConnection(daemon.port, handshake=False)
+    try:
+        conn.read_header()
+        reply = conn.request({"op": "ls", "path": ""})
+        assert reply["code"] == "bad_request"
+        assert conn.closed_by_server()
+    finally:
+        conn.close()

@@ -123,3 +123,62 @@ def test_human_output_names_the_file_and_digest(daemon, tmp_path: Path):
     src = random_file(tmp_path / "h.bin", 2048)
     out = cli("put", "-s", daemon.address, str(src)).stdout
     assert "h.bin" in out and xxh128_of(src) in out
+
+
+def test_progress_bar_is_drawn_on_a_terminal_from_the_resumed_offset(daemon, tmp_path: Path):
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+    from conftest import CLI, ENV
+    src = random_file(daemon.root / "p.bin", 4 * 1024 * 1024)
+    dest = tmp_path / "p.bin"
+    partial = tmp_path / ".p.bin.filesrv-part"
+    # a partial of the first half, as an interrupted get would leave
+    cli("get", "-s", daemon.address, "p.bin", str(dest))
+    partial.write_bytes(dest.read_bytes()[: 2 * 1024 * 1024])
+    etag = daemon_etag(daemon, "p.bin")
+    (tmp_path / ".p.bin.filesrv-part.json").write_text(
+        json.dumps({"remote": "p.bin", "etag": etag, "size": src.stat().st_size}))
+    dest.unlink()
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    drawn = b""
+    try:
+        proc = subprocess.Popen([*CLI, "get", "-s", daemon.address, "--limit-rate", "8M",
+                                 "p.bin", str(dest)], env=ENV, stdout=subprocess.PIPE,
+                                stderr=follower)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if select.select([leader], [], [], 0.1)[0]:
+                drawn += os.read(leader, 65536)
+            elif proc.poll() is not None:
+                break
+        stdout = proc.communicate(timeout=10)[0]
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    text = drawn.decode(errors="replace")
+    assert "get p.bin" in text and "B/s" in text
+    assert "2.00M/4.00M" in text or " 50%" in text, text  # first frame: the resumed half
+    assert b"resumed at 2.0 MiB" in stdout
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(daemon, tmp_path: Path):
+    src = random_file(tmp_path / "q.bin", 2 * 1024 * 1024)
+    assert cli("put", "-s", daemon.address, str(src)).stderr == ""
+
+
+def daemon_etag(daemon, remote: str) -> str:
+    from conftest import RawConnection
+    from filesrv.protocol import Get
+    conn = RawConnection(daemon.port)
+    try:
+        size = (daemon.root / remote).stat().st_size
+        return conn.request(Get(path=remote, offset=size).header())["etag"]
+    finally:
+        conn.close()
