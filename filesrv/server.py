@@ -99,10 +99,14 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         except _CloseConnection as exc:
             self._log(op, path, self.moved, time.monotonic() - started, str(exc) or "closed")
             raise
-        except FilesrvError as exc:
+        except FilesrvError as exc:  # refused cleanly: the connection stays in sync
             self._log(op, path, self.moved, time.monotonic() - started, exc.code)
             self._send_error(exc)
             return
+        except OSError as exc:  # the connection broke or went idle mid-command
+            result = "timeout" if isinstance(exc, TimeoutError) else f"io: {exc}"
+            self._log(op, path, self.moved, time.monotonic() - started, result)
+            raise _CloseConnection() from None
         except Exception as exc:  # a bug: report it, keep the daemon, drop this connection
             self._log(op, path, self.moved, time.monotonic() - started, f"internal: {exc!r}")
             self._send_error(ServerError("internal server error"))
@@ -116,6 +120,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         body = encode_listing(entries)
         self.channel.send_header(ok_reply(length=len(body), count=len(entries)))
         self.channel.send_bytes(body)
+        self.moved = len(body)
 
     def _get(self, request: Get) -> None:
         storage = self.server.storage
