@@ -29,9 +29,10 @@ examples:
 An interrupted put or get resumes when you run the same command again. Every
 transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
 
-exit status: 0 ok, 1 other failure, 2 usage, 3 connection, 4 not found or wrong
-type, 5 refused request or path, 6 integrity, 7 no space or I/O error on the
-server, 8 busy, 9 local file error, 130 interrupted.
+exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
+4 not found or wrong type, 5 refused request, path, size or read-only, 6
+integrity, 7 no space or I/O error on the server, 8 busy, 9 local file error,
+10 authentication failed, 130 interrupted.
 """
 
 
@@ -80,6 +81,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -116,6 +127,27 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--idle-timeout", type=positive_float, default=300.0,
                        metavar="SECONDS", help="close a connection silent for this long "
                        "(default: 300)")
+    serve.add_argument("--handshake-timeout", type=positive_float, default=10.0,
+                       metavar="SECONDS", help="a new connection must finish TLS, hello and "
+                       "authentication within this time (default: 10)")
+    serve.add_argument("--grace", type=non_negative_float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM/SIGINT, let transfers in flight finish for up to this "
+                       "long before closing them (they stay resumable); a second signal "
+                       "skips the wait (default: 30)")
+    serve.add_argument("--read-only", action="store_true",
+                       help="refuse every upload with 'read_only'")
+    serve.add_argument("--max-file-size", type=parse_size, default=None, metavar="BYTES",
+                       help="refuse uploads larger than this, e.g. 10G (default: no limit)")
+    serve.add_argument("--partial-max-age", type=positive_float, default=7 * 24 * 3600.0,
+                       metavar="SECONDS", help="delete unfinished uploads untouched for "
+                       "this long, checked at start and hourly (default: 604800, 7 days)")
+    serve.add_argument("--token-file", metavar="FILE",
+                       help="require clients to prove they know one of the tokens in FILE "
+                       "(one a line; HMAC challenge-response, the token never crosses the "
+                       "wire)")
+    serve.add_argument("--tls-cert", metavar="FILE", help="serve TLS (1.2 or newer) with this "
+                       "certificate chain (PEM); needs --tls-key")
+    serve.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
     serve.set_defaults(run=run_serve)
 
     client_opts = argparse.ArgumentParser(add_help=False)
@@ -134,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar="BYTES", help="transfer buffer (default: 1M)")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                              help="give up on a silent server after this long (default: 60)")
+    client_opts.add_argument("--token-file", metavar="FILE",
+                             help="token for a server started with --token-file (default: "
+                             "the token in $FILESRV_TOKEN, if set)")
+    client_opts.add_argument("--tls", action="store_true",
+                             help="connect with TLS, verifying the server's certificate and "
+                             "host name")
+    client_opts.add_argument("--cafile", metavar="FILE",
+                             help="CA certificate(s) to verify the server with (default: the "
+                             "system's store)")
 
     put = sub.add_parser("put", parents=[client_opts], help="upload a file",
                          description="Upload LOCAL to REMOTE (default: LOCAL's base name; a "
@@ -162,21 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------- commands
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .server import serve
-    return serve(args.root, args.host, args.port, buffer_size=args.buffer_size,
-                 max_children=args.max_children, idle_timeout=args.idle_timeout)
+    from .server import ServerOptions, load_tokens, serve, tls_context
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+    options = ServerOptions(
+        buffer_size=args.buffer_size, max_children=args.max_children,
+        idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
+        grace=args.grace, read_only=args.read_only, max_file_size=args.max_file_size,
+        partial_max_age=args.partial_max_age,
+        tokens=load_tokens(args.token_file) if args.token_file else (),
+        tls=tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None)
+    return serve(args.root, args.host, args.port, options)
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from .client import Client, parse_server
+    from .client import Client, parse_server, read_token_file
     if not args.server:
         raise UsageError("no server given: use -s HOST:PORT or set FILESRV_SERVER")
     try:
         host, port = parse_server(args.server)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.token_file:
+        token: bytes | None = read_token_file(args.token_file)
+    else:
+        token = os.environ.get("FILESRV_TOKEN", "").strip().encode() or None
+    if args.cafile and not args.tls:
+        raise UsageError("--cafile needs --tls")
     return Client(host, port, buffer_size=args.buffer_size, limit_rate=args.limit_rate,
-                  timeout=args.timeout)
+                  timeout=args.timeout, token=token, tls=args.tls, cafile=args.cafile)
 
 
 def run_put(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+import ssl
 import stat
 import time
 from dataclasses import asdict, dataclass
@@ -20,11 +21,12 @@ from typing import Any, Callable
 
 import xxhash
 
-from .errors import (BadRequest, Busy, ConnectionFailed, FilesrvError, IntegrityError,
-                     LocalError)
-from .protocol import (PROTOCOL_VERSION, Commit, Data, Entry, Get, Hello, ListDir, Put,
-                       decode_listing, normalize_path, parse_commit_reply, parse_get_reply,
-                       parse_hello_reply, parse_list_reply, parse_path, parse_put_reply)
+from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
+                     FilesrvError, IntegrityError, LocalError)
+from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, ListDir, Put,
+                       auth_proof, check_reply, decode_listing, normalize_path,
+                       parse_commit_reply, parse_get_reply, parse_hello_reply,
+                       parse_list_reply, parse_path, parse_put_reply)
 from .hashing import hash_fd_range
 from .transport import Channel, PeerClosed
 
@@ -73,6 +75,31 @@ def parse_server(address: str) -> tuple[str, int]:
     return host, number
 
 
+class _ClosedBeforeGreeting(ConnectionFailed):
+    """The server hung up before its greeting: busy (with TLS), or a TLS mismatch."""
+
+
+def _client_tls_context(cafile: str | None) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA file {cafile}: {exc}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def read_token_file(path: str) -> bytes:
+    """The first non-blank, non-comment line of a token file."""
+    try:
+        with open(path, "rb") as fh:
+            for line in fh.read().splitlines():
+                if line.strip() and not line.strip().startswith(b"#"):
+                    return line.strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
+    raise ConfigError(f"token file {path} holds no token")
+
+
 def source_tag(st: os.stat_result) -> str:
     """Names this version of a local file, so a changed file never resumes an old partial."""
     return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}"
@@ -100,7 +127,8 @@ class Client:
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
+                 tls: bool = False, cafile: str | None = None) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -108,6 +136,8 @@ class Client:
         self.buffer_size = buffer_size
         self.limit_rate = limit_rate
         self.timeout = timeout
+        self.token = token
+        self.tls = _client_tls_context(cafile) if tls else None
         self.server_agent = ""
         self._channel: Channel | None = None
         self._buffer = bytearray(buffer_size)
@@ -128,32 +158,70 @@ class Client:
             try:
                 self._channel = self._open()
                 return
-            except Busy as exc:
+            except (Busy, _ClosedBeforeGreeting) as exc:
                 if attempt == BUSY_RETRIES:
-                    raise Busy(f"{exc.message} (gave up after {attempt} attempts)") from None
+                    raise type(exc)(f"{exc.message} (gave up after {attempt} attempts)"
+                                    ) from None
                 time.sleep(delay)
                 delay *= 2
 
     def _open(self) -> Channel:
+        where = f"{self.host}:{self.port}"
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise ConnectionFailed(
-                f"cannot connect to {self.host}:{self.port}: {exc.strerror or exc}") from None
+            raise ConnectionFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.tls is not None:
+            sock = self._start_tls(sock, where)
         channel = Channel(sock)
         try:
-            greeting = parse_hello_reply(self._read(channel))
-            if greeting.version != PROTOCOL_VERSION:
-                raise ConnectionFailed(
-                    f"server speaks protocol {greeting.version}, this client {PROTOCOL_VERSION}")
+            # hello goes out before the greeting is read: a TLS server that gets it in
+            # the clear fails its handshake at once instead of waiting for us
             channel.send_frame(Hello(agent="filesrv-client").frame())
+            try:
+                greeting = parse_hello_reply(channel.read_header())
+            except (PeerClosed, ConnectionResetError, BadRequest):
+                raise _ClosedBeforeGreeting(
+                    f"{where} closed the connection before greeting us: it is busy, or it "
+                    "expects TLS (try --tls)") from None
+            if greeting.version != PROTOCOL_VERSION:
+                raise ConnectionFailed(f"server speaks protocol {greeting.version}, this "
+                                       f"client {PROTOCOL_VERSION}")
             parse_hello_reply(self._read(channel))
+            if greeting.nonce is not None:
+                self._authenticate(channel, greeting.nonce)
+        except OSError as exc:
+            channel.close()
+            raise ConnectionFailed(f"connection to {where} failed: {exc}") from None
         except BaseException:
             channel.close()
             raise
         self.server_agent = greeting.server
         return channel
+
+    def _start_tls(self, sock: socket.socket, where: str) -> socket.socket:
+        assert self.tls is not None
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise ConnectionFailed(f"TLS: cannot verify {where}: {exc.verify_message}") from None
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            raise ConnectionFailed(f"TLS handshake with {where} failed ({exc}): does the "
+                                   "server use TLS? (it does only with --tls-cert)") from None
+
+    def _authenticate(self, channel: Channel, nonce: str) -> None:
+        proof = auth_proof(self.token, nonce) if self.token else None
+        channel.send_frame(Auth(proof=proof).frame())
+        try:
+            check_reply(self._read(channel))
+        except AuthFailed:
+            if self.token is None:
+                raise AuthFailed("authentication failed: the server requires a token "
+                                 "(--token-file or FILESRV_TOKEN)") from None
+            raise AuthFailed("authentication failed: the server refused the token") from None
 
     def close(self) -> None:
         if self._channel is not None:

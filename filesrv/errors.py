@@ -94,6 +94,32 @@ class IoError(FilesrvError):
     exit_status = 7
 
 
+class AuthFailed(FilesrvError):
+    """No token, or a wrong one, for a server that requires one."""
+
+    code = "auth"
+    exit_status = 10
+
+
+class ReadOnly(FilesrvError):
+    code = "read_only"
+    exit_status = 5
+
+
+class TooLarge(FilesrvError):
+    """A put larger than the server's --max-file-size."""
+
+    code = "too_large"
+    exit_status = 5
+
+
+class ConfigError(FilesrvError):
+    """Bad daemon or client configuration (unreadable token file, bad certificate)."""
+
+    code = "config"
+    exit_status = 2
+
+
 class ConnectionFailed(FilesrvError):
     """Client side only: the server could not be reached or the connection broke."""
 
@@ -120,6 +146,7 @@ ERRORS_BY_CODE: dict[str, type[FilesrvError]] = {
     for cls in (
         BadRequest, VersionMismatch, BadPath, BadRange, NotFound, IsADirectory,
         NotADirectory, Busy, Superseded, IntegrityError, NoSpace, IoError, ServerError,
+        AuthFailed, ReadOnly, TooLarge,
     )
 }
 

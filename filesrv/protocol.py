@@ -12,6 +12,8 @@ to `get` and `ls`; their `length` field gives the body's size.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import re
 import struct
@@ -30,6 +32,9 @@ RESERVED_NAME = ".filesrv"  # the server's own state directory at the top of the
 _PREFIX = struct.Struct(">I")
 PREFIX_SIZE = _PREFIX.size
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+_NONCE_RE = re.compile(r"[0-9a-f]{64}")
+AUTH_METHOD = "hmac-sha256"
+_AUTH_CONTEXT = b"filesrv-auth-v1:"
 
 
 # ---------------------------------------------------------------- framing
@@ -204,6 +209,12 @@ class Hello(Request):
 
 
 @dataclass(frozen=True)
+class Auth(Request):
+    op: ClassVar[str] = "auth"
+    proof: str | None = None  # None: the client has no token
+
+
+@dataclass(frozen=True)
 class ListDir(Request):
     op: ClassVar[str] = "ls"
     path: str = ""
@@ -252,8 +263,16 @@ def _parse_put(h: Mapping[str, Any]) -> Put:
     return Put(path=_path(h), size=_count(h, "size"), source=_tag(h, "source") or "")
 
 
+def _parse_auth(h: Mapping[str, Any]) -> Auth:
+    proof = _field(h, "proof", str, optional=True)
+    if proof is not None and not _NONCE_RE.fullmatch(proof):
+        raise BadRequest("field 'proof' is not 64 lowercase hex digits")
+    return Auth(proof=proof)
+
+
 _PARSERS = {
     "hello": _parse_hello,
+    "auth": _parse_auth,
     "ls": lambda h: ListDir(path=_path(h)),
     "get": _parse_get,
     "put": _parse_put,
@@ -301,6 +320,7 @@ def check_reply(header: Mapping[str, Any]) -> Mapping[str, Any]:
 class HelloReply:
     version: int
     server: str
+    nonce: str | None = None  # set when the server requires authentication
 
 
 @dataclass(frozen=True)
@@ -325,7 +345,35 @@ class CommitReply:
 
 def parse_hello_reply(header: Mapping[str, Any]) -> HelloReply:
     h = check_reply(header)
-    return HelloReply(version=_count(h, "version"), server=_tag(h, "server") or "")
+    auth = _field(h, "auth", dict, optional=True)
+    nonce = None
+    if auth is not None:
+        if _field(auth, "method", str) != AUTH_METHOD:
+            raise BadRequest(f"unsupported authentication method {auth.get('method')!r}")
+        nonce = _field(auth, "nonce", str)
+        if not _NONCE_RE.fullmatch(nonce):
+            raise BadRequest("auth nonce is not 64 lowercase hex digits")
+    return HelloReply(version=_count(h, "version"), server=_tag(h, "server") or "",
+                      nonce=nonce)
+
+
+def greeting(server: str, nonce: str | None) -> dict[str, Any]:
+    """The server's first frame; `nonce` (64 hex digits) when a token is required."""
+    auth = {"method": AUTH_METHOD, "nonce": nonce} if nonce else None
+    return ok_reply(version=PROTOCOL_VERSION, server=server, auth=auth)
+
+
+def auth_proof(token: bytes, nonce: str) -> str:
+    """HMAC-SHA256 over the server's nonce: proves the token without sending it."""
+    return hmac.new(token, _AUTH_CONTEXT + bytes.fromhex(nonce), hashlib.sha256).hexdigest()
+
+
+def proof_matches(tokens: list[bytes], nonce: str, proof: str | None) -> bool:
+    """Constant-time check against every token (no early exit that would leak which)."""
+    matched = False
+    for token in tokens:
+        matched |= hmac.compare_digest(auth_proof(token, nonce), proof or "")
+    return matched and proof is not None
 
 
 def parse_get_reply(header: Mapping[str, Any]) -> GetReply:

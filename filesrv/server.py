@@ -8,24 +8,66 @@ import os
 import signal
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from . import __version__
-from .errors import BadRange, BadRequest, Busy, FilesrvError, ServerError, Superseded
-from .protocol import (PROTOCOL_VERSION, Commit, Data, Get, Hello, ListDir, Put,
-                       check_version, encode_frame, encode_listing, error_reply, ok_reply,
-                       parse_path, parse_request)
+from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
+                     ReadOnly, ServerError, Superseded, TooLarge)
+from .protocol import (Auth, Commit, Data, Get, Hello, ListDir, Put, check_version,
+                       encode_frame, encode_listing, error_reply, greeting, ok_reply,
+                       parse_path, parse_request, proof_matches)
 from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage
 from .transport import Channel, PeerClosed
 
-DEFAULT_BUFFER_SIZE = 1024 * 1024
-DEFAULT_MAX_CHILDREN = 64
-DEFAULT_IDLE_TIMEOUT = 300.0
-_DRAIN_SECONDS = 2.0  # after an error mid-body, how long we read on so the client sees it
-_REAP_SECONDS = 5.0   # at shutdown, how long children get to exit on SIGTERM
+DRAIN_SIGNAL = signal.SIGUSR2      # parent to child: finish the current command, then close
+_ERROR_DRAIN_SECONDS = 2.0         # after an error mid-body, read on so the client sees it
+_KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long later, SIGKILL
+_AUTH_FAILURE_DELAY = 1.0          # slows down guessing; paid by the failing child only
+_STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned partials
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Everything `filesrv serve` can be told, with its defaults."""
+
+    buffer_size: int = 1024 * 1024
+    max_children: int = 64
+    idle_timeout: float = 300.0
+    handshake_timeout: float = 10.0
+    grace: float = 30.0
+    read_only: bool = False
+    max_file_size: int | None = None
+    partial_max_age: float = 7 * 24 * 3600.0
+    tokens: tuple[bytes, ...] = ()
+    tls: ssl.SSLContext | None = None
+
+
+def load_tokens(path: str) -> tuple[bytes, ...]:
+    """Secrets from a token file: one a line; blank lines and '#' comments ignored."""
+    try:
+        with open(path, "rb") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
+    tokens = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith(b"#"))
+    if not tokens:
+        raise ConfigError(f"token file {path} holds no token")
+    return tokens
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load TLS certificate {cert} / key {key}: {exc}") from None
+    return context
 
 
 def log(message: str) -> None:
@@ -33,63 +75,101 @@ def log(message: str) -> None:
     print(f"{stamp} {message}", file=sys.stderr, flush=True)
 
 
-_GREETING = ok_reply(version=PROTOCOL_VERSION, server=f"filesrv/{__version__}")
-
-
 class _CloseConnection(Exception):
-    """The connection cannot continue (framing lost, or an error mid-body)."""
+    """The connection cannot continue (framing lost, an error mid-body, shutting down)."""
+
+
+class _HandshakeTimeout(TimeoutError):
+    pass
 
 
 class ConnectionHandler(socketserver.BaseRequestHandler):
-    """Serves one connection: greeting, hello, then any number of commands."""
+    """Serves one connection: TLS, greeting, hello, auth, then any number of commands."""
 
     server: "FilesrvServer"
 
     def setup(self) -> None:
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.request.settimeout(self.server.idle_timeout)
-        self.channel = Channel(self.request)
+        self.options = self.server.options
         self.peer = _format_address(self.client_address)
-        self.buffer = bytearray(self.server.buffer_size)
+        self.buffer = bytearray(self.options.buffer_size)
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.settimeout(self.options.idle_timeout)
 
     def handle(self) -> None:
         try:
-            self.channel.send_header(_GREETING)
-            self._handshake()
+            with _Deadline(self.options.handshake_timeout):
+                self._start_tls()
+                self.channel = Channel(self.request)
+                self._handshake()
             while True:
                 try:
                     header = self.channel.read_header()
                 except PeerClosed:
                     return
                 self._run(header)
-        except _CloseConnection:
-            pass
-        except PeerClosed:
+                if self.server.draining:
+                    return
+        except (_CloseConnection, PeerClosed):
             pass
         except BadRequest as exc:  # torn or oversized frame: we cannot resync
             self._log("frame", "-", 0, 0.0, exc.code)
             self._send_error(exc)
-        except (TimeoutError, socket.timeout):
+        except _HandshakeTimeout:
+            self._log("handshake", "-", 0, 0.0, "timeout")
+        except TimeoutError:
             self._log("idle", "-", 0, 0.0, "timeout")
+        except ssl.SSLError as exc:
+            self._log("tls", "-", 0, 0.0, f"handshake failed: {exc.reason or exc}")
         except OSError as exc:
             self._log("connection", "-", 0, 0.0, f"io: {exc.strerror or exc}")
 
+    def finish(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.close()
+
+    def _start_tls(self) -> None:
+        if self.options.tls is not None:
+            self.request = self.options.tls.wrap_socket(self.request, server_side=True)
+
     def _handshake(self) -> None:
+        nonce = os.urandom(32).hex() if self.options.tokens else None
+        self.channel.send_header(greeting(f"filesrv/{__version__}", nonce))
         request = parse_request(self.channel.read_header())
         if not isinstance(request, Hello):
             raise BadRequest("the first request must be hello")
         try:
             check_version(request)
         except FilesrvError as exc:
+            self._log("hello", "-", 0, 0.0, exc.code)
             self._send_error(exc)
             raise _CloseConnection() from None
-        self.channel.send_header(_GREETING)
+        self.channel.send_header(greeting(f"filesrv/{__version__}", None))
+        if nonce is not None:
+            self._authenticate(nonce)
+
+    def _authenticate(self, nonce: str) -> None:
+        request = parse_request(self.channel.read_header())
+        proof = request.proof if isinstance(request, Auth) else None
+        if proof_matches(list(self.options.tokens), nonce, proof):
+            self.channel.send_header(ok_reply())
+            return
+        why = "wrong token" if proof else "no token"
+        log(f"{self.peer} auth - authentication failed ({why})")
+        time.sleep(_AUTH_FAILURE_DELAY)
+        self._send_error(AuthFailed("authentication failed: the server refused the "
+                                    + ("token" if proof else "connection without a token")))
+        raise _CloseConnection()
 
     def _run(self, header: dict[str, Any]) -> None:
         started = time.monotonic()
         op = str(header.get("op", "?"))[:16]
         path = str(header.get("path", "-"))[:200]
         self.moved = 0
+
+        def done(result: str) -> None:
+            self._log(op, path, self.moved, time.monotonic() - started, result)
+
+        self.server.in_command = True
         try:
             request = parse_request(header)
             handler = self._dispatch.get(type(request))
@@ -97,21 +177,22 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 raise BadRequest(f"{request.op!r} is not valid here")
             handler(self, request)
         except _CloseConnection as exc:
-            self._log(op, path, self.moved, time.monotonic() - started, str(exc) or "closed")
+            done(str(exc) or "closed")
             raise
         except FilesrvError as exc:  # refused cleanly: the connection stays in sync
-            self._log(op, path, self.moved, time.monotonic() - started, exc.code)
+            done(exc.code)
             self._send_error(exc)
             return
         except OSError as exc:  # the connection broke or went idle mid-command
-            result = "timeout" if isinstance(exc, TimeoutError) else f"io: {exc}"
-            self._log(op, path, self.moved, time.monotonic() - started, result)
+            done("timeout" if isinstance(exc, TimeoutError) else f"io: {exc}")
             raise _CloseConnection() from None
         except Exception as exc:  # a bug: report it, keep the daemon, drop this connection
-            self._log(op, path, self.moved, time.monotonic() - started, f"internal: {exc!r}")
+            done(f"internal: {exc!r}")
             self._send_error(ServerError("internal server error"))
             raise _CloseConnection() from exc
-        self._log(op, path, self.moved, time.monotonic() - started, "ok")
+        finally:
+            self.server.in_command = False
+        done("ok")
 
     # -- commands
 
@@ -149,6 +230,11 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise _CloseConnection("file shrank while it was sent")
 
     def _put(self, request: Put) -> None:
+        if self.options.read_only:
+            raise ReadOnly("the server is read-only")
+        limit = self.options.max_file_size
+        if limit is not None and request.size > limit:
+            raise TooLarge(f"{request.size} bytes exceeds the server's limit of {limit}")
         parts = parse_path(request.path)
         upload = self.server.storage.begin_upload(parts, request.size, request.source)
         in_sync = False  # False while the client may be sending body bytes
@@ -194,8 +280,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise _CloseConnection(error.code)
         try:
             self.request.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _DRAIN_SECONDS
-            self.request.settimeout(_DRAIN_SECONDS)
+            deadline = time.monotonic() + _ERROR_DRAIN_SECONDS
+            self.request.settimeout(_ERROR_DRAIN_SECONDS)
             while time.monotonic() < deadline and self.request.recv_into(self.buffer):
                 pass
         except OSError:
@@ -211,11 +297,29 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _send_error(self, error: FilesrvError) -> None:
         try:
             self.channel.send_header(error_reply(error))
-        except OSError:
+        except (OSError, AttributeError):  # AttributeError: before the channel existed
             pass
 
     def _log(self, op: str, path: str, moved: int, seconds: float, result: str) -> None:
         log(f"{self.peer} {op} {path!r} bytes={moved} {seconds:.3f}s {result}")
+
+
+class _Deadline:
+    """A hard limit on a phase of a child's life (SIGALRM: the child has one thread)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        signal.signal(signal.SIGALRM, self._expired)
+        signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    @staticmethod
+    def _expired(signum: int, frame: Any) -> None:
+        raise _HandshakeTimeout("handshake deadline")
 
 
 class FilesrvServer(socketserver.ForkingTCPServer):
@@ -224,17 +328,19 @@ class FilesrvServer(socketserver.ForkingTCPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], storage: Storage, *,
-                 buffer_size: int = DEFAULT_BUFFER_SIZE,
-                 max_children: int = DEFAULT_MAX_CHILDREN,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> None:
+    def __init__(self, address: tuple[str, int], storage: Storage,
+                 options: ServerOptions = ServerOptions()) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.storage = storage
-        self.buffer_size = buffer_size
-        self.max_children = max_children
-        self.idle_timeout = idle_timeout
+        self.options = options
+        self.max_children = options.max_children
         self.active_children: set[int] = set()
+        self.hurry = threading.Event()  # a second stop signal: skip the grace period
+        self._last_sweep = 0.0
+        # per-child state (each child has its own copy after fork)
         self._abortable = False
+        self.in_command = False
+        self.draining = False
         super().__init__(address, ConnectionHandler)
 
     # -- children: never block the accept loop on them
@@ -248,6 +354,14 @@ class FilesrvServer(socketserver.ForkingTCPServer):
             if done:
                 self.active_children.discard(pid)
 
+    def service_actions(self) -> None:
+        self.collect_children()
+        now = time.monotonic()
+        if now - self._last_sweep >= _STALE_SWEEP_SECONDS or not self._last_sweep:
+            self._last_sweep = now
+            for name in self.storage.remove_stale_partials(self.options.partial_max_age):
+                log(f"removed stale partial upload {name}")
+
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         self.collect_children()
         if len(self.active_children) >= self.max_children:
@@ -256,57 +370,81 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         super().process_request(request, client_address)
 
     def _refuse_busy(self, request: socket.socket, client_address: Any) -> None:
-        error = Busy(f"server busy: {self.max_children} connections in use, try again shortly")
-        try:
-            request.settimeout(1.0)
-            request.sendall(encode_frame(error_reply(error)))
-        except OSError:
-            pass
+        # With TLS an error message would need a handshake, which must not run in the
+        # accept loop: the connection is just closed, and the client retries as for busy.
+        if self.options.tls is None:
+            error = Busy(f"server busy: {self.max_children} connections in use, "
+                         "try again shortly")
+            try:
+                request.setblocking(False)
+                request.send(encode_frame(error_reply(error)))
+                while request.recv(65536):  # what the client already sent, so no RST
+                    pass
+            except OSError:
+                pass
         log(f"{_format_address(client_address)} connect - bytes=0 0.000s busy")
         self.shutdown_request(request)
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
-        # In the child: die on the signals that stop the daemon, and let a newer
-        # upload of the same file take over from this one.
+        # In the child: die on SIGTERM; leave SIGINT (a terminal's Ctrl-C reaches the
+        # whole process group) to the parent, which drains the children gracefully.
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(TAKEOVER_SIGNAL, self._on_takeover)
+        signal.signal(DRAIN_SIGNAL, self._on_drain)
         super().finish_request(request, client_address)
 
     def _on_takeover(self, signum: int, frame: Any) -> None:
         if self._abortable:
             raise Superseded("a newer connection took over this upload")
 
+    def _on_drain(self, signum: int, frame: Any) -> None:
+        self.draining = True
+        if not self.in_command:
+            raise _CloseConnection("shutting down")
+
     def abortable(self) -> "_Abortable":
         return _Abortable(self)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         exc = sys.exc_info()[1]
-        if isinstance(exc, Superseded):
-            log(f"{_format_address(client_address)} put - superseded by a newer connection")
-            return
+        if isinstance(exc, (Superseded, _CloseConnection)):
+            return  # already reported by the handler
         super().handle_error(request, client_address)
 
+    # -- stopping
+
     def stop_children(self) -> None:
-        """SIGTERM every child (their partials stay resumable) and reap them all."""
-        for pid in list(self.active_children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + _REAP_SECONDS
-        while self.active_children and time.monotonic() < deadline:
-            self.collect_children()
-            time.sleep(0.02)
-        for pid in list(self.active_children):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Let commands in flight finish for up to the grace period, then stop the rest.
+
+        Stopped uploads keep their partials, so they resume on the next attempt.
+        """
+        self._signal_children(DRAIN_SIGNAL)
+        self._wait_for_children(self.options.grace, self.hurry)
+        if self.active_children:
+            log(f"grace period over: stopping {len(self.active_children)} connection(s)")
+            self._signal_children(signal.SIGTERM)
+            self._wait_for_children(_KILL_AFTER_SECONDS, None)
+            self._signal_children(signal.SIGKILL)
         self.collect_children(blocking=True)
 
+    def _signal_children(self, signum: int) -> None:
+        for pid in list(self.active_children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def _wait_for_children(self, seconds: float, interrupt: threading.Event | None) -> None:
+        deadline = time.monotonic() + seconds
+        while self.active_children and time.monotonic() < deadline:
+            if interrupt is not None and interrupt.is_set():
+                return
+            self.collect_children()
+            time.sleep(0.02)
+
     def server_close(self) -> None:
-        socketserver.TCPServer.server_close(self)
+        socketserver.TCPServer.server_close(self)  # stop accepting first
         self.stop_children()
 
 
@@ -328,15 +466,17 @@ def _format_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def serve(root: str, host: str, port: int, *, buffer_size: int = DEFAULT_BUFFER_SIZE,
-          max_children: int = DEFAULT_MAX_CHILDREN,
-          idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> int:
+def serve(root: str, host: str, port: int, options: ServerOptions = ServerOptions()) -> int:
     """Run the daemon in the foreground until SIGTERM or SIGINT; returns the exit status."""
-    storage = Storage(root, buffer_size=buffer_size)
-    server = FilesrvServer((host, port), storage, buffer_size=buffer_size,
-                           max_children=max_children, idle_timeout=idle_timeout)
+    storage = Storage(root, buffer_size=options.buffer_size)
+    server = FilesrvServer((host, port), storage, options)
+    stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
+        if stopping.is_set():
+            server.hurry.set()
+            return
+        stopping.set()
         # shutdown() waits for serve_forever, so it cannot run in this thread
         threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -344,10 +484,17 @@ def serve(root: str, host: str, port: int, *, buffer_size: int = DEFAULT_BUFFER_
     signal.signal(signal.SIGINT, on_signal)
     bound_host, bound_port = server.server_address[:2]
     shown = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    if not options.tokens:
+        log("no --token-file: every client that can connect may read and write the root")
+    if options.tls is None:
+        log("no TLS: traffic, file contents included, crosses the network in the clear")
+    if options.read_only:
+        log("read-only: uploads are refused")
     print(f"filesrv {__version__} listening on {shown} (root {storage.root})", flush=True)
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
+        log(f"stopping: finishing transfers in flight (grace {options.grace:g} s)")
         server.server_close()
     log("stopped")
     return 0

@@ -320,6 +320,31 @@ class Storage:
         if stat.S_ISDIR(st.st_mode):
             raise IsADirectory(f"{'/'.join(parts)!r} is a directory")
 
+    def remove_stale_partials(self, max_age: float) -> list[str]:
+        """Delete unlocked partial uploads untouched for `max_age` seconds; their names."""
+        cutoff = time.time() - max_age
+        removed = []
+        with os.scandir(self.partials_fd) as it:
+            names = [e.name for e in it if e.name.endswith(".part")]
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self.partials_fd)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_mtime >= cutoff:
+                    continue
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: OSError, skip
+                if os.stat(name, dir_fd=self.partials_fd).st_ino == os.fstat(fd).st_ino:
+                    os.unlink(name, dir_fd=self.partials_fd)
+                    removed.append(name)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
     def place(self, partial_name: str, parts: tuple[str, ...]) -> None:
         """Rename a finished partial to its final name, atomically and durably."""
         resolved = self._resolve(parts, follow_last=False, create_parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -207,3 +208,13 @@ def test_listing_round_trips_and_rejects_bad_entries():
 ])
 def test_digest_matches_vectors_printed_by_xxh128sum(data, expected):
     assert xxhash.xxh3_128(data).hexdigest() == expected
+
+
+def test_auth_proof_matches_the_documented_example():
+    from filesrv.protocol import auth_proof, proof_matches
+    proof = auth_proof(b"s3cret", "00" * 32)
+    assert proof == "a7a6d0d9138641cf025a6e3bde015ceb99cb31f1a3932b51ca0cb76bacbf07bf"
+    assert proof in (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    assert proof_matches([b"other", b"s3cret"], "00" * 32, proof)
+    assert not proof_matches([b"other"], "00" * 32, proof)
+    assert not proof_matches([b"s3cret"], "00" * 32, None)
