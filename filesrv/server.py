@@ -183,6 +183,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             done(exc.code)
             self._send_error(exc)
             return
+        except PeerClosed:
+            done("client closed the connection")
+            raise _CloseConnection() from None
         except OSError as exc:  # the connection broke or went idle mid-command
             done("timeout" if isinstance(exc, TimeoutError) else f"io: {exc}")
             raise _CloseConnection() from None

@@ -79,7 +79,7 @@ class Storage:
 
     # ------------------------------------------------------------ resolution
 
-    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool,
+    def _resolve(self, parts: tuple[str, ...], *,
                  create_parents: bool = False, missing_parents_ok: bool = False
                  ) -> tuple[int, str | None] | None:
         """Walk `parts` from the root: (fd of the parent directory, final name).
@@ -119,7 +119,7 @@ class Storage:
                     raise NotFound(f"no such directory: {name!r}") from None
                 except NotADirectoryError:
                     raise NotADirectory("a parent in the path is not a directory") from None
-                if stat.S_ISLNK(st.st_mode) and (follow_last or not is_last):
+                if stat.S_ISLNK(st.st_mode):
                     hops += 1
                     if hops > _MAX_SYMLINK_HOPS:
                         raise BadPath("too many levels of symbolic links")
@@ -162,7 +162,7 @@ class Storage:
             pass
 
     def _open_dir(self, parts: tuple[str, ...]) -> int:
-        resolved = self._resolve(parts, follow_last=True)
+        resolved = self._resolve(parts)
         assert resolved is not None
         parent_fd, name = resolved
         if name is None:
@@ -181,7 +181,7 @@ class Storage:
     def open_for_read(self, parts: tuple[str, ...]) -> ReadableFile:
         if not parts:
             raise IsADirectory("the root is a directory")
-        resolved = self._resolve(parts, follow_last=True)
+        resolved = self._resolve(parts)
         assert resolved is not None
         parent_fd, name = resolved
         shown = "/".join(parts)
@@ -284,7 +284,7 @@ class Storage:
         return None
 
     def _stat_inside(self, parts: tuple[str, ...]) -> os.stat_result:
-        resolved = self._resolve(parts, follow_last=True)
+        resolved = self._resolve(parts)
         assert resolved is not None
         parent_fd, name = resolved
         try:
@@ -307,7 +307,7 @@ class Storage:
 
     def _check_destination(self, parts: tuple[str, ...]) -> None:
         """Refuse before any byte moves if the final name cannot be a file."""
-        resolved = self._resolve(parts, follow_last=False, missing_parents_ok=True)
+        resolved = self._resolve(parts, missing_parents_ok=True)
         if resolved is None:
             return
         parent_fd, name = resolved
@@ -347,7 +347,7 @@ class Storage:
 
     def place(self, partial_name: str, parts: tuple[str, ...]) -> None:
         """Rename a finished partial to its final name, atomically and durably."""
-        resolved = self._resolve(parts, follow_last=False, create_parents=True)
+        resolved = self._resolve(parts, create_parents=True)
         assert resolved is not None
         parent_fd, name = resolved
         try:

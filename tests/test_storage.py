@@ -159,3 +159,11 @@ def test_digest_cache_is_keyed_by_file_identity(root: Path):
     f = s.open_for_read(("dir", "inside.txt"))
     assert s.digest_of(f) == xxhash.xxh3_128(b"changed!").hexdigest()
     f.close()
+
+
+def test_upload_to_a_symlink_inside_the_root_replaces_its_target(root: Path):
+    (root / "alias.txt").symlink_to("dir/inside.txt")
+    s = Storage(str(root))
+    upload(s, ("alias.txt",), b"new contents")
+    assert (root / "alias.txt").is_symlink()
+    assert (root / "dir" / "inside.txt").read_bytes() == b"new contents"
