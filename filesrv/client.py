@@ -13,11 +13,9 @@ import fcntl
 import json
 import os
 import socket
-import ssl
 import stat
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import xxhash
 
@@ -27,6 +25,7 @@ from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, 
                        auth_proof, check_reply, decode_listing, normalize_path,
                        parse_commit_reply, parse_get_reply, parse_hello_reply,
                        parse_list_reply, parse_path, parse_put_reply)
+from .durability import Writeback
 from .hashing import hash_fd_range
 from .transport import Channel, PeerClosed
 
@@ -36,13 +35,13 @@ DEFAULT_TIMEOUT = 60.0
 BUSY_RETRIES = 4          # attempts when the server answers busy
 BUSY_BACKOFF = 0.25       # seconds before the second attempt; doubles each time
 PARTIAL_SUFFIX = ".filesrv-part"
+RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 
 # progress(done, total): bytes of the file present so far (resumed bytes included)
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True)
-class TransferResult:
+class TransferResult(NamedTuple):
     """What one get or put did; as_dict() is the --json record."""
 
     path: str
@@ -52,7 +51,7 @@ class TransferResult:
     seconds: float
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self._asdict()
 
 
 def parse_server(address: str) -> tuple[str, int]:
@@ -79,7 +78,8 @@ class _ClosedBeforeGreeting(ConnectionFailed):
     """The server hung up before its greeting: busy (with TLS), or a TLS mismatch."""
 
 
-def _client_tls_context(cafile: str | None) -> ssl.SSLContext:
+def _client_tls_context(cafile: str | None) -> "ssl.SSLContext":
+    import ssl  # lazily: plain connections should not pay for loading OpenSSL
     try:
         context = ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
@@ -128,7 +128,7 @@ class Client:
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
                  timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
-                 tls: bool = False, cafile: str | None = None) -> None:
+                 tls: bool = False, cafile: str | None = None, durable: bool = True) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -137,6 +137,7 @@ class Client:
         self.limit_rate = limit_rate
         self.timeout = timeout
         self.token = token
+        self.durable = durable  # fsync each downloaded file before it takes its name
         self.tls = _client_tls_context(cafile) if tls else None
         self.server_agent = ""
         self._channel: Channel | None = None
@@ -201,6 +202,7 @@ class Client:
         return channel
 
     def _start_tls(self, sock: socket.socket, where: str) -> socket.socket:
+        import ssl
         assert self.tls is not None
         try:
             return self.tls.wrap_socket(sock, server_hostname=self.host)
@@ -283,7 +285,7 @@ class Client:
         """
         parse_path(remote)
         started = time.monotonic()
-        partial = LocalPartial(local)
+        partial = LocalPartial(local, durable=self.durable)
         try:
             result = self._get_into(remote, partial, progress)
             if result is None:  # a resumed partial did not verify: once more from zero
@@ -306,7 +308,8 @@ class Client:
         reply = parse_get_reply(self._read())
         if reply.offset != offset:
             partial.truncate(reply.offset)
-        partial.remember(remote, reply.etag, reply.size)
+        if reply.length >= RESUMABLE_BODY:
+            partial.remember(remote, reply.etag, reply.size)
         hasher = xxhash.xxh3_128()
         try:
             hash_fd_range(partial.fd, 0, reply.offset, hasher, self._buffer)
@@ -427,8 +430,9 @@ class LocalPartial:
     which remote file version (etag) they came from, the resume precondition.
     """
 
-    def __init__(self, destination: str) -> None:
+    def __init__(self, destination: str, durable: bool = True) -> None:
         self.destination = destination
+        self.durable = durable
         folder, name = os.path.split(os.path.abspath(destination))
         self.folder = folder
         self.path = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
@@ -442,6 +446,7 @@ class LocalPartial:
         except OSError:
             os.close(self.fd)
             raise Busy(f"another filesrv process is downloading to {destination}") from None
+        self.writeback = Writeback(self.fd)
 
     def resume_point(self, remote: str) -> tuple[int, str | None]:
         """(offset, etag) to resume from, or (0, None) when nothing usable is there."""
@@ -468,6 +473,7 @@ class LocalPartial:
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
+        self.writeback = Writeback(self.fd, length)
 
     def write(self, data: memoryview, position: int) -> None:
         try:
@@ -476,21 +482,23 @@ class LocalPartial:
                 done += os.pwrite(self.fd, data[done:], position + done)
         except OSError as exc:
             raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+        if self.durable:
+            self.writeback.wrote_up_to(position + len(data))
 
     def reset(self) -> None:
         self.truncate(0)
         self._remove_meta()
 
     def place(self) -> None:
-        """fsync, rename over the destination atomically, fsync the folder."""
+        """Make the bytes durable, then rename over the destination atomically.
+
+        The folder is not fsynced: after a crash either the rename happened or the
+        complete partial is still there, and the next get finishes the job.
+        """
         try:
-            os.fsync(self.fd)
+            if self.durable:
+                self.writeback.finish()
             os.replace(self.path, self.destination)
-            dir_fd = os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
         except OSError as exc:
             raise LocalError(f"cannot place {self.destination}: {exc.strerror}") from None
         self._remove_meta()

@@ -12,13 +12,10 @@ to `get` and `ls`; their `length` field gives the body's size.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from .errors import BadPath, BadRequest, FilesrvError, VersionMismatch, error_from_code
 
@@ -189,63 +186,84 @@ def normalize_path(path: str) -> str:
 
 # ---------------------------------------------------------------- requests
 
-@dataclass(frozen=True)
 class Request:
-    op: ClassVar[str]
+    """A request message: `op` plus the fields named in `__slots__`, in wire order."""
+
+    __slots__: tuple[str, ...] = ()
+    op = ""
+
+    def _set(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(self, name, value)
 
     def header(self) -> dict[str, Any]:
-        fields = {k: v for k, v in self.__dict__.items()}
-        return {"op": self.op, **fields}
+        return {"op": self.op, **{name: getattr(self, name) for name in self.__slots__}}
 
     def frame(self) -> bytes:
         return encode_frame(self.header())
 
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.header() == self.header()  # type: ignore
 
-@dataclass(frozen=True)
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
 class Hello(Request):
-    op: ClassVar[str] = "hello"
-    version: int = PROTOCOL_VERSION
-    agent: str = "filesrv"
+    __slots__ = ("version", "agent")
+    op = "hello"
+
+    def __init__(self, version: int = PROTOCOL_VERSION, agent: str = "filesrv") -> None:
+        self._set(version=version, agent=agent)
 
 
-@dataclass(frozen=True)
 class Auth(Request):
-    op: ClassVar[str] = "auth"
-    proof: str | None = None  # None: the client has no token
+    __slots__ = ("proof",)
+    op = "auth"
+
+    def __init__(self, proof: str | None = None) -> None:  # None: the client has no token
+        self._set(proof=proof)
 
 
-@dataclass(frozen=True)
 class ListDir(Request):
-    op: ClassVar[str] = "ls"
-    path: str = ""
+    __slots__ = ("path",)
+    op = "ls"
+
+    def __init__(self, path: str = "") -> None:
+        self._set(path=path)
 
 
-@dataclass(frozen=True)
 class Get(Request):
-    op: ClassVar[str] = "get"
-    path: str
-    offset: int = 0
-    if_match: str | None = None
+    __slots__ = ("path", "offset", "if_match")
+    op = "get"
+
+    def __init__(self, path: str, offset: int = 0, if_match: str | None = None) -> None:
+        self._set(path=path, offset=offset, if_match=if_match)
 
 
-@dataclass(frozen=True)
 class Put(Request):
-    op: ClassVar[str] = "put"
-    path: str
-    size: int
-    source: str
+    __slots__ = ("path", "size", "source")
+    op = "put"
+
+    def __init__(self, path: str, size: int, source: str) -> None:
+        self._set(path=path, size=size, source=source)
 
 
-@dataclass(frozen=True)
 class Data(Request):
-    op: ClassVar[str] = "data"
-    length: int
+    __slots__ = ("length",)
+    op = "data"
+
+    def __init__(self, length: int) -> None:
+        self._set(length=length)
 
 
-@dataclass(frozen=True)
 class Commit(Request):
-    op: ClassVar[str] = "commit"
-    xxh128: str
+    __slots__ = ("xxh128",)
+    op = "commit"
+
+    def __init__(self, xxh128: str) -> None:
+        self._set(xxh128=xxh128)
 
 
 def _parse_hello(h: Mapping[str, Any]) -> Hello:
@@ -316,15 +334,13 @@ def check_reply(header: Mapping[str, Any]) -> Mapping[str, Any]:
     return header
 
 
-@dataclass(frozen=True)
-class HelloReply:
+class HelloReply(NamedTuple):
     version: int
     server: str
     nonce: str | None = None  # set when the server requires authentication
 
 
-@dataclass(frozen=True)
-class GetReply:
+class GetReply(NamedTuple):
     size: int
     offset: int
     length: int
@@ -332,13 +348,11 @@ class GetReply:
     xxh128: str
 
 
-@dataclass(frozen=True)
-class PutReply:
+class PutReply(NamedTuple):
     offset: int
 
 
-@dataclass(frozen=True)
-class CommitReply:
+class CommitReply(NamedTuple):
     size: int
     xxh128: str
 
@@ -365,11 +379,14 @@ def greeting(server: str, nonce: str | None) -> dict[str, Any]:
 
 def auth_proof(token: bytes, nonce: str) -> str:
     """HMAC-SHA256 over the server's nonce: proves the token without sending it."""
+    import hashlib  # lazily: most connections never authenticate, and start-up counts
+    import hmac
     return hmac.new(token, _AUTH_CONTEXT + bytes.fromhex(nonce), hashlib.sha256).hexdigest()
 
 
 def proof_matches(tokens: list[bytes], nonce: str, proof: str | None) -> bool:
     """Constant-time check against every token (no early exit that would leak which)."""
+    import hmac
     matched = False
     for token in tokens:
         matched |= hmac.compare_digest(auth_proof(token, nonce), proof or "")
@@ -402,15 +419,14 @@ def parse_list_reply(header: Mapping[str, Any]) -> int:
 
 # ---------------------------------------------------------------- listings
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     name: str
     type: str  # "file" or "dir"
     size: int
     mtime: float
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "type": self.type, "size": self.size, "mtime": self.mtime}
+        return self._asdict()
 
 
 def encode_listing(entries: list[Entry]) -> bytes:

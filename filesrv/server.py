@@ -252,6 +252,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             in_sync = True
             digest = upload.commit(commit.xxh128)
             self.channel.send_header(ok_reply(size=request.size, xxh128=digest))
+            upload.release_replaced()
         except FilesrvError as exc:
             upload.close()  # let a retry take the partial while we report
             if in_sync:
@@ -364,6 +365,7 @@ class FilesrvServer(socketserver.ForkingTCPServer):
             self._last_sweep = now
             for name in self.storage.remove_stale_partials(self.options.partial_max_age):
                 log(f"removed stale partial upload {name}")
+            self.storage.empty_trash()
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         self.collect_children()

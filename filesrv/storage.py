@@ -27,6 +27,7 @@ import xxhash
 
 from .errors import (BadPath, BadRange, Busy, FilesrvError, IntegrityError, IoError,
                      IsADirectory, NoSpace, NotADirectory, NotFound)
+from .durability import Writeback
 from .hashing import hash_fd_range
 from .protocol import RESERVED_NAME, Entry
 
@@ -35,6 +36,8 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TAKEOVER_WAIT = 5.0  # seconds a new upload waits for a superseded holder to let go
 TAKEOVER_SIGNAL = signal.SIGUSR1
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
+_UNCACHED_DIGEST = 1024 * 1024  # below this, hashing is cheaper than a cache lookup
+_TRASH_MAX_AGE = 60.0  # replaced files whose deletion was cut short, swept after this
 
 
 def io_error(exc: OSError, what: str) -> FilesrvError:
@@ -68,6 +71,7 @@ class Storage:
         self.state_fd = self._ensure_dir(self.root_fd, RESERVED_NAME)
         self.partials_fd = self._ensure_dir(self.state_fd, "partials")
         self.digests_fd = self._ensure_dir(self.state_fd, "digests")
+        self.trash_fd = self._ensure_dir(self.state_fd, "trash")
 
     @staticmethod
     def _ensure_dir(parent_fd: int, name: str) -> int:
@@ -210,6 +214,10 @@ class Storage:
 
     def digest_of(self, f: ReadableFile) -> str:
         """Whole-file XXH3-128, from the cache when this version was hashed before."""
+        if f.size < _UNCACHED_DIGEST:
+            hasher = xxhash.xxh3_128()
+            hash_fd_range(f.fd, 0, f.size, hasher, bytearray(min(self.buffer_size, f.size)))
+            return hasher.hexdigest()
         cached = self._cached_digest(f.identity)
         if cached is not None:
             return cached
@@ -345,12 +353,23 @@ class Storage:
                 os.close(fd)
         return removed
 
-    def place(self, partial_name: str, parts: tuple[str, ...]) -> None:
-        """Rename a finished partial to its final name, atomically and durably."""
+    def place(self, partial_name: str, parts: tuple[str, ...]) -> str | None:
+        """Rename a finished partial to its final name, atomically and durably.
+
+        A file it replaces keeps a link in trash/ so that the rename does not free
+        its blocks (seconds for a big file on some disks); the caller deletes it
+        with `empty_trash` once the client has its answer.  Returns that name.
+        """
         resolved = self._resolve(parts, create_parents=True)
         assert resolved is not None
         parent_fd, name = resolved
+        trashed = f"{partial_name}.{os.getpid()}.old"
         try:
+            try:
+                os.link(name, trashed, src_dir_fd=parent_fd, dst_dir_fd=self.trash_fd,
+                        follow_symlinks=False)
+            except (FileNotFoundError, IsADirectoryError, PermissionError):
+                trashed = None  # nothing (or nothing linkable) to keep alive
             os.rename(partial_name, name, src_dir_fd=self.partials_fd, dst_dir_fd=parent_fd)
             os.fsync(parent_fd)
         except IsADirectoryError:
@@ -359,6 +378,22 @@ class Storage:
             raise io_error(exc, "placing the file") from None
         finally:
             os.close(parent_fd)
+        return trashed
+
+    def empty_trash(self, name: str | None = None) -> None:
+        """Delete one replaced file, or (name None) every one left by a cut-short child."""
+        if name is not None:
+            names = [name]
+        else:
+            cutoff = time.time() - _TRASH_MAX_AGE
+            with os.scandir(self.trash_fd) as it:
+                names = [e.name for e in it
+                         if e.stat(follow_symlinks=False).st_ctime < cutoff]
+        for n in names:
+            try:
+                os.unlink(n, dir_fd=self.trash_fd)
+            except FileNotFoundError:
+                pass
 
 
 def _lock_holder(fd: int) -> int:
@@ -390,6 +425,8 @@ class PartialUpload:
                 os.ftruncate(self.fd, 0)
                 self.offset = 0
             self.written = self.offset
+            self.writeback = Writeback(self.fd, self.offset)
+            self.trashed: str | None = None
             self.hasher = xxhash.xxh3_128()
             hash_fd_range(self.fd, 0, self.offset, self.hasher,
                           bytearray(storage.buffer_size))
@@ -447,6 +484,7 @@ class PartialUpload:
             raise io_error(exc, "writing the upload") from None
         self.hasher.update(data)
         self.written += len(data)
+        self.writeback.wrote_up_to(self.written)
 
     def commit(self, digest: str) -> str:
         """Verify, flush and place the file; returns the digest."""
@@ -459,11 +497,11 @@ class PartialUpload:
                 f"XXH3-128 mismatch: received {actual}, client sent {digest}; "
                 "the partial upload was discarded")
         try:
-            os.fsync(self.fd)
+            self.writeback.finish()
             st = os.fstat(self.fd)
         except OSError as exc:
             raise io_error(exc, "flushing the upload") from None
-        self.storage.place(self.name, self.parts)
+        self.trashed = self.storage.place(self.name, self.parts)
         self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), actual)
         return actual
 
@@ -478,3 +516,9 @@ class PartialUpload:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+    def release_replaced(self) -> None:
+        """Free the file this upload replaced (slow for big files: after the reply)."""
+        if self.trashed is not None:
+            self.storage.empty_trash(self.trashed)
+            self.trashed = None

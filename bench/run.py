@@ -1,0 +1,535 @@
+"""filesrv's benchmark: ceilings, filesrv and its peers side by side in one run.
+
+    python3 bench/run.py            # full run (needs ~12 GiB free disk; 8 GiB memory check)
+    python3 bench/run.py --quick    # fewer repetitions, no 8 GiB file
+
+Contenders of one scenario run alternately, in a rotating order, and the table
+shows medians.  Every row is a whole client process timed from start to exit
+(except the small-file rows, which time a loop inside this process, as a
+script using the Python API would).  Peers whose tools are missing are skipped
+with a note: `apt-get install nginx-light curl` and `pip install pyftpdlib`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+import ceiling  # noqa: E402
+from filesrv.client import Client  # noqa: E402
+from filesrv.protocol import Get, Hello, decode_header, parse_length_prefix  # noqa: E402
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+PY = sys.executable
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+FILESRV = [PY, "-m", "filesrv"]
+
+
+@dataclass
+class Sample:
+    seconds: float
+    cpu: float = 0.0
+    rss_kb: int = 0
+    server_rss_kb: int = 0
+
+
+@dataclass
+class Row:
+    scenario: str
+    name: str
+    samples: list[Sample] = field(default_factory=list)
+    amount: float = 0.0        # bytes (bulk) or files (small)
+    unit: str = "MB/s"
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(s.seconds for s in self.samples)
+
+    @property
+    def rate(self) -> float:
+        scale = 1e6 if self.unit == "MB/s" else 1.0
+        return self.amount / self.seconds / scale if self.amount else 0.0
+
+
+# ------------------------------------------------------------------ processes
+
+def hwm_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def run(cmd: list[str], watch_children_of: int | None = None, cwd: str | None = None) -> Sample:
+    """Run to completion: wall seconds, CPU seconds, peak RSS, and the server child's peak."""
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for child in children(watch_children_of or 0):
+                peak[0] = max(peak[0], hwm_kb(child))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    if watch_children_of:
+        watcher.start()
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    done.set()
+    if watch_children_of:
+        watcher.join()
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    proc.stderr.close() if proc.stderr else None
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {stderr.strip()}")
+    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, peak[0])
+
+
+class Servers:
+    """Every server of the run, stopped by PID at the end."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, cmd: list[str], port_from: Callable[[subprocess.Popen], int],
+              **kw) -> tuple[subprocess.Popen, int]:
+        proc = subprocess.Popen(cmd, env=ENV, **kw)
+        self.procs.append(proc)
+        return proc, port_from(proc)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_port_file(path: Path, timeout: float = 15) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return int(path.read_text())
+        time.sleep(0.02)
+    raise RuntimeError(f"no port in {path}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def make_file(path: Path, size: int, block: bytes | None = None) -> Path:
+    block = block or os.urandom(64 * MiB)
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(left, len(block))
+            fh.write(block[:n])
+            left -= n
+    return path
+
+
+def settle() -> None:
+    """Flush dirty pages between runs so one run's writeback does not bill the next."""
+    os.sync()
+
+
+def remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def etag_of(port: int, path: str, size: int) -> str:
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(Hello().frame() + Get(path=path, offset=size).frame())
+        buf = b""
+        headers = []
+        while len(headers) < 3:
+            buf += sock.recv(65536)
+            while len(buf) >= 4:
+                n = parse_length_prefix(buf[:4])
+                if len(buf) < 4 + n:
+                    break
+                headers.append(decode_header(buf[4:4 + n]))
+                buf = buf[4 + n:]
+        return headers[2]["etag"]
+
+
+# ------------------------------------------------------------------ the run
+
+def alternate(rows: list[Row], runners: list[Callable[[], Sample]], reps: int,
+              cleanup: Callable[[], None]) -> None:
+    for rep in range(reps):
+        order = list(range(len(rows)))
+        order = order[rep % len(order):] + order[: rep % len(order)]
+        for i in order:
+            settle()
+            rows[i].samples.append(runners[i]())
+            cleanup()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="2 repetitions, no 8 GiB file")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 2)")
+    ap.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir)")
+    ap.add_argument("--out", default=None, help="also write the report (markdown) here")
+    args = ap.parse_args()
+    reps = args.reps or (2 if args.quick else 3)
+    work = Path(tempfile.mkdtemp(prefix="filesrv-bench-", dir=args.dir))
+    servers = Servers(work)
+    try:
+        report = bench(work, servers, reps, args.quick)
+    finally:
+        servers.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print(report)
+    if args.out:
+        Path(args.out).write_text(report)
+    return 0
+
+
+def bench(work: Path, servers: Servers, reps: int, quick: bool) -> str:
+    src, srv, out = work / "src", work / "srv", work / "out"
+    for d in (src, srv, out, work / "nginx", work / "ftp", work / "small"):
+        d.mkdir()
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log(f"preparing files in {work}")
+    block = os.urandom(64 * MiB)
+    big = make_file(src / "big.bin", GiB, block)
+    make_file(src / "c256.bin", 256 * MiB, block[::-1])
+    (src / "empty.bin").write_bytes(b"")
+    for name in ("big.bin", "c256.bin", "empty.bin"):
+        for d in (srv, work / "nginx", work / "ftp"):
+            os.link(src / name, d / name)
+    n_small = 2000
+    for i in range(n_small):
+        data = os.urandom(4096)
+        (work / "small" / f"f{i:04d}").write_bytes(data)
+        (srv / f"f{i:04d}").write_bytes(data)
+    settle()
+
+    # servers
+    d_proc, d_port = servers.start(
+        [*FILESRV, "serve", "--root", str(srv), "--port", "0"],
+        lambda p: int(p.stdout.readline().split(b"listening on 127.0.0.1:")[1].split()[0]),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    addr = f"127.0.0.1:{d_port}"
+    _, bulk_port = servers.start(
+        [PY, str(REPO / "bench" / "ceiling.py"), "bulk-server", str(work / "bulk.port"),
+         str(big), str(work / "ceiling-up.bin")],
+        lambda p: wait_port_file(work / "bulk.port"))
+    _, small_port = servers.start(
+        [PY, str(REPO / "bench" / "ceiling.py"), "small-server", str(work / "small.port"),
+         str(work / "small")], lambda p: wait_port_file(work / "small.port"))
+    peers = start_peers(work, servers, log)
+    # warm the digest cache, as for any file served twice
+    run([*FILESRV, "get", "-s", addr, "big.bin", str(out / "warm.bin")])
+    run([*FILESRV, "get", "-s", addr, "c256.bin", str(out / "warm2.bin")])
+    remove(out / "warm.bin", out / "warm2.bin")
+
+    rows: list[Row] = []
+
+    # 1. bulk download and upload
+    log("bulk get, 1 GiB")
+    down = [Row("get 1 GiB", "ceiling: bare socket"), Row("get 1 GiB", "filesrv get")]
+    down_run = [lambda: run([PY, str(REPO / "bench" / "ceiling.py"), "bulk-get",
+                             str(bulk_port), str(out / "dl.bin")]),
+                lambda: run([*FILESRV, "get", "-s", addr, "--no-progress", "big.bin",
+                             str(out / "dl.bin")], watch_children_of=d_proc.pid)]
+    for name, url in peers.get("get", []):
+        down.append(Row("get 1 GiB", name))
+        down_run.append(lambda url=url: run(["curl", "-sS", "-o", str(out / "dl.bin"), url]))
+    alternate(down, down_run, reps, lambda: remove(out / "dl.bin"))
+    rows += down
+
+    log("bulk put, 1 GiB")
+    up = [Row("put 1 GiB", "ceiling: bare socket"), Row("put 1 GiB", "filesrv put")]
+    up_run = [lambda: run([PY, str(REPO / "bench" / "ceiling.py"), "bulk-put",
+                           str(bulk_port), str(big)]),
+              lambda: run([*FILESRV, "put", "-s", addr, "--no-progress", str(big), "up.bin"],
+                          watch_children_of=d_proc.pid)]
+    for name, url in peers.get("put", []):
+        up.append(Row("put 1 GiB", name))
+        up_run.append(lambda url=url: run(["curl", "-sS", "-T", str(big), url]))
+    alternate(up, up_run, reps, lambda: remove(work / "ceiling-up.bin", srv / "up.bin",
+                                               work / "nginx" / "up.bin",
+                                               work / "ftp" / "up.bin"))
+    rows += up
+    for r in down + up:
+        r.amount = GiB
+
+    # 2. small files
+    log("small files, 4 KiB")
+    kept_n, new_n = n_small, 500
+    small = [Row("4 KiB gets, one connection", "ceiling: bare ForkingTCPServer", unit="files/s"),
+             Row("4 KiB gets, one connection", "filesrv Client API", unit="files/s"),
+             Row("4 KiB gets, new connection each", "ceiling: bare ForkingTCPServer",
+                 unit="files/s"),
+             Row("4 KiB gets, new connection each", "filesrv Client API", unit="files/s")]
+    small[0].amount = small[1].amount = kept_n
+    small[2].amount = small[3].amount = new_n
+
+    def timed(fn: Callable[[], None]) -> Sample:
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn()
+        return Sample(time.perf_counter() - t0, time.process_time() - c0)
+
+    def ceiling_kept() -> None:
+        with socket.create_connection(("127.0.0.1", small_port)) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i in range(kept_n):
+                ceiling.small_get(sock, f"f{i:04d}", str(out / f"f{i:04d}"))
+
+    def filesrv_kept() -> None:
+        with Client("127.0.0.1", d_port) as client:
+            for i in range(kept_n):
+                client.get(f"f{i:04d}", str(out / f"f{i:04d}"))
+
+    def ceiling_new() -> None:
+        for i in range(new_n):
+            with socket.create_connection(("127.0.0.1", small_port)) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                ceiling.small_get(sock, f"f{i:04d}", str(out / f"f{i:04d}"))
+
+    def filesrv_new() -> None:
+        for i in range(new_n):
+            with Client("127.0.0.1", d_port) as client:
+                client.get(f"f{i:04d}", str(out / f"f{i:04d}"))
+
+    def clear_out() -> None:
+        for p in out.iterdir():
+            p.unlink()
+
+    alternate(small, [lambda: timed(ceiling_kept), lambda: timed(filesrv_kept),
+                      lambda: timed(ceiling_new), lambda: timed(filesrv_new)], reps, clear_out)
+    rows += small
+
+    # 3. start-up
+    log("start-up")
+    start = [Row("start-up", "python3 -c 'import socket'", unit="s"),
+             Row("start-up", "filesrv get of an empty file", unit="s")]
+    alternate(start, [lambda: run([PY, "-c", "import socket"]),
+                      lambda: run([*FILESRV, "get", "-s", addr, "--no-progress", "empty.bin",
+                                   str(out / "empty.bin")])],
+              max(reps * 4, 10), lambda: remove(out / "empty.bin"))
+    rows += start
+
+    # 4. 16 concurrent clients
+    log("16 concurrent gets of 256 MiB")
+    conc = Row("16 x get 256 MiB at once", "filesrv get x16 (aggregate)")
+    conc.amount = 16 * 256 * MiB
+
+    def sixteen() -> Sample:
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen([*FILESRV, "get", "-s", addr, "--no-progress", "c256.bin",
+                                   str(out / f"c{i}.bin")], env=ENV) for i in range(16)]
+        for p in procs:
+            if p.wait() != 0:
+                raise RuntimeError("a concurrent get failed")
+        return Sample(time.perf_counter() - t0)
+
+    alternate([conc], [sixteen], reps, clear_out)
+    rows.append(conc)
+
+    # 5. resume at 50 % and put over an existing file
+    log("resume and replace")
+    size = big.stat().st_size
+    etag = etag_of(d_port, "big.bin", size)
+
+    def resumed_get() -> Sample:
+        with open(big, "rb") as fh, open(out / ".res.bin.filesrv-part", "wb") as part:
+            part.write(fh.read(size // 2))
+        (out / ".res.bin.filesrv-part.json").write_text(
+            json.dumps({"remote": "big.bin", "etag": etag, "size": size}))
+        settle()
+        return run([*FILESRV, "get", "-s", addr, "--no-progress", "big.bin", str(out / "res.bin")])
+
+    res = [Row("resume get at 50 %", "filesrv get, full"),
+           Row("resume get at 50 %", "filesrv get, resumed at 50 %")]
+    alternate(res, [lambda: run([*FILESRV, "get", "-s", addr, "--no-progress", "big.bin",
+                                 str(out / "res.bin")]), resumed_get], reps, clear_out)
+    rows += res
+
+    def put_over() -> Sample:
+        shutil.copyfile(big, srv / "over.bin")
+        settle()
+        return run([*FILESRV, "put", "-s", addr, "--no-progress", str(big), "over.bin"])
+
+    over = [Row("put 1 GiB, replacing", "filesrv put, new name"),
+            Row("put 1 GiB, replacing", "filesrv put over an existing 1 GiB file")]
+    alternate(over, [lambda: run([*FILESRV, "put", "-s", addr, "--no-progress", str(big),
+                                  "fresh.bin"]), put_over], reps,
+              lambda: remove(srv / "fresh.bin", srv / "over.bin"))
+    for r in res + over:
+        r.amount = GiB
+    rows += over
+
+    # 6. memory at 8 GiB
+    mem: list[Row] = []
+    if not quick:
+        log("memory: 8 GiB get and put")
+        huge = make_file(src / "huge.bin", 8 * GiB, block)
+        os.link(huge, srv / "huge.bin")
+        settle()
+        g = Row("8 GiB", "filesrv get 8 GiB")
+        g.samples.append(run([*FILESRV, "get", "-s", addr, "--no-progress", "huge.bin",
+                              str(out / "huge.bin")], watch_children_of=d_proc.pid))
+        remove(out / "huge.bin")
+        settle()
+        p = Row("8 GiB", "filesrv put 8 GiB")
+        p.samples.append(run([*FILESRV, "put", "-s", addr, "--no-progress", str(huge),
+                              "huge-up.bin"], watch_children_of=d_proc.pid))
+        remove(srv / "huge-up.bin", srv / "huge.bin", huge)
+        g.amount = p.amount = 8 * GiB
+        mem = [g, p]
+        rows += mem
+
+    return render(rows, down, up, small, start, conc, res, over, mem, reps)
+
+
+def start_peers(work: Path, servers: Servers, log) -> dict[str, list[tuple[str, str]]]:
+    peers: dict[str, list[tuple[str, str]]] = {"get": [], "put": []}
+    if shutil.which("curl") and shutil.which("nginx"):
+        port = free_port()
+        conf = work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
+events {{}}
+http {{
+  access_log off; sendfile on; tcp_nopush on; client_max_body_size 0;
+  client_body_temp_path {work}/nginx-tmp;
+  server {{ listen 127.0.0.1:{port}; root {work}/nginx;
+           location / {{ dav_methods PUT; create_full_put_path on; }} }}
+}}
+""")
+        servers.start(["nginx", "-c", str(conf)], lambda p: port)
+        wait_listening(port)
+        peers["get"].append(("nginx + curl", f"http://127.0.0.1:{port}/big.bin"))
+        peers["put"].append(("nginx + curl (WebDAV PUT)", f"http://127.0.0.1:{port}/up.bin"))
+    else:
+        log("nginx or curl missing: skipping the nginx peer")
+    try:
+        import pyftpdlib  # noqa: F401
+        have_ftp = shutil.which("curl") is not None
+    except ImportError:
+        have_ftp = False
+    if have_ftp:
+        port = free_port()
+        servers.start([PY, "-m", "pyftpdlib", "-i", "127.0.0.1", "-p", str(port), "-w", "-d",
+                       str(work / "ftp")], lambda p: port, stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+        wait_listening(port)
+        peers["get"].append(("pyftpdlib + curl", f"ftp://127.0.0.1:{port}/big.bin"))
+        peers["put"].append(("pyftpdlib + curl", f"ftp://127.0.0.1:{port}/up.bin"))
+    else:
+        log("pyftpdlib or curl missing: skipping the FTP peer")
+    return peers
+
+
+def render(rows, down, up, small, start, conc, res, over, mem, reps) -> str:
+    machine = f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {os.uname().release}"
+    lines = [f"filesrv benchmark, {time.strftime('%Y-%m-%d %H:%M')} UTC, {machine}, "
+             f"medians of {reps} alternating runs", "",
+             "| scenario | contender | rate | median s | client CPU s/GiB | client peak RSS MiB "
+             "| server child peak RSS MiB | ratio to ceiling |",
+             "|---|---|---|---|---|---|---|---|"]
+    ceilings = {"get 1 GiB": down[0].rate, "put 1 GiB": up[0].rate,
+                "4 KiB gets, one connection": small[0].rate,
+                "4 KiB gets, new connection each": small[2].rate,
+                "16 x get 256 MiB at once": down[0].rate}
+    for r in rows:
+        med = lambda f: statistics.median(f(s) for s in r.samples)  # noqa: E731
+        cpu = med(lambda s: s.cpu) / (r.amount / GiB) if r.unit == "MB/s" and r.amount else None
+        rate = f"{r.rate:,.0f} {r.unit}" if r.unit != "s" else "-"
+        ceil = ceilings.get(r.scenario)
+        ratio = f"{r.rate / ceil:.2f}x" if ceil and r.unit != "s" else "-"
+        rss = med(lambda s: s.rss_kb) / 1024
+        srss = med(lambda s: s.server_rss_kb) / 1024
+        lines.append(f"| {r.scenario} | {r.name} | {rate} | {r.seconds:.3f} | "
+                     f"{'-' if cpu is None else f'{cpu:.2f}'} | {rss:.0f} | "
+                     f"{'-' if not srss else f'{srss:.0f}'} | {ratio} |")
+
+    def goal(text: str, value: float, ok: bool) -> str:
+        return f"- {text}: **{value:.2f}** — {'met' if ok else 'NOT met'}"
+
+    g = [goal("1. get 1 GiB / ceiling (need >= 0.9)", down[1].rate / down[0].rate,
+              down[1].rate >= 0.9 * down[0].rate),
+         goal("1. put 1 GiB / ceiling (need >= 0.9)", up[1].rate / up[0].rate,
+              up[1].rate >= 0.9 * up[0].rate),
+         goal("2. 4 KiB, one connection / ceiling (need >= 0.7)", small[1].rate / small[0].rate,
+              small[1].rate >= 0.7 * small[0].rate),
+         goal("2. 4 KiB, new connections / ceiling (need >= 0.85)",
+              small[3].rate / small[2].rate, small[3].rate >= 0.85 * small[2].rate),
+         goal("3. start-up / python3 -c 'import socket' (need <= 1.6)",
+              start[1].seconds / start[0].seconds, start[1].seconds <= 1.6 * start[0].seconds)]
+    peak = max([max(s.rss_kb, s.server_rss_kb) for r in [down[1], up[1], *mem]
+                for s in r.samples]) / 1024
+    g.append(goal("4. peak RSS MiB, client and server child, 1 GiB"
+                  + (" and 8 GiB" if mem else " (8 GiB skipped: --quick)")
+                  + " (need < 64)", peak, peak < 64))
+    g.append(goal("5. 16 x 256 MiB aggregate / single-stream ceiling (need >= 0.8)",
+                  conc.rate / down[0].rate, conc.rate >= 0.8 * down[0].rate))
+    g.append(goal("6. resumed-at-50 % get / full get (need <= 0.6)",
+                  res[1].seconds / res[0].seconds, res[1].seconds <= 0.6 * res[0].seconds))
+    g.append(goal("6. put over an existing file / put to a new name (need <= 1.1)",
+                  over[1].seconds / over[0].seconds, over[1].seconds <= 1.1 * over[0].seconds))
+    return "\n".join(lines + ["", "Goals:", *g, ""])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
