@@ -42,6 +42,7 @@ GiB = 1024 * MiB
 PY = sys.executable
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 FILESRV = [PY, "-m", "filesrv"]
+TIME = shutil.which("time") or "/usr/bin/time"  # GNU time: apt-get install time
 
 
 @dataclass
@@ -103,19 +104,22 @@ def run(cmd: list[str], watch_children_of: int | None = None, cwd: str | None = 
     watcher = threading.Thread(target=watch, daemon=True)
     if watch_children_of:
         watcher.start()
+    # GNU time reports the command's own peak RSS (wait4 here would count this
+    # process's pages inherited across the fork, before the exec)
+    stats = tempfile.NamedTemporaryFile(prefix="bench-time-", delete=False)
+    stats.close()
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=ENV, cwd=cwd, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    proc = subprocess.run([TIME, "-q", "-f", "%U %S %M", "-o", stats.name, *cmd], env=ENV,
+                          cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     seconds = time.perf_counter() - started
     done.set()
     if watch_children_of:
         watcher.join()
-    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.stderr.close() if proc.stderr else None
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {stderr.strip()}")
-    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, peak[0])
+    user, system, rss = Path(stats.name).read_text().split()[-3:]
+    os.unlink(stats.name)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.decode(errors='replace')}")
+    return Sample(seconds, float(user) + float(system), int(rss), peak[0])
 
 
 class Servers:
@@ -293,7 +297,7 @@ def bench(work: Path, servers: Servers, reps: int, quick: bool) -> str:
                              str(out / "dl.bin")], watch_children_of=d_proc.pid)]
     for name, url in peers.get("get", []):
         down.append(Row("get 1 GiB", name))
-        down_run.append(lambda url=url: run(["curl", "-sS", "-o", str(out / "dl.bin"), url]))
+        down_run.append(lambda url=url: run(["curl", "-fsS", "-o", str(out / "dl.bin"), url]))
     alternate(down, down_run, reps, lambda: remove(out / "dl.bin"))
     rows += down
 
@@ -305,7 +309,7 @@ def bench(work: Path, servers: Servers, reps: int, quick: bool) -> str:
                           watch_children_of=d_proc.pid)]
     for name, url in peers.get("put", []):
         up.append(Row("put 1 GiB", name))
-        up_run.append(lambda url=url: run(["curl", "-sS", "-T", str(big), url]))
+        up_run.append(lambda url=url: run(["curl", "-fsS", "-T", str(big), url]))
     alternate(up, up_run, reps, lambda: remove(work / "ceiling-up.bin", srv / "up.bin",
                                                work / "nginx" / "up.bin",
                                                work / "ftp" / "up.bin"))
@@ -448,7 +452,7 @@ def start_peers(work: Path, servers: Servers, log) -> dict[str, list[tuple[str, 
         port = free_port()
         conf = work / "nginx.conf"
         conf.write_text(f"""
-worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
+user root; worker_processes 1; daemon off; pid {work}/nginx.pid; error_log {work}/nginx.err;
 events {{}}
 http {{
   access_log off; sendfile on; tcp_nopush on; client_max_body_size 0;

@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar="BYTES", help="transfer buffer (default: 1M)")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                              help="give up on a silent server after this long (default: 60)")
+    client_opts.add_argument("--fsync", action="store_true",
+                             help="get: flush each downloaded file to disk before it takes its "
+                             "name, so it survives a power loss (like the server does for "
+                             "uploads); costs little for big files")
     client_opts.add_argument("--token-file", metavar="FILE",
                              help="token for a server started with --token-file (default: "
                              "the token in $FILESRV_TOKEN, if set)")
@@ -231,7 +235,8 @@ def _client(args: argparse.Namespace) -> Any:
     if args.cafile and not args.tls:
         raise UsageError("--cafile needs --tls")
     return Client(host, port, buffer_size=args.buffer_size, limit_rate=args.limit_rate,
-                  timeout=args.timeout, token=token, tls=args.tls, cafile=args.cafile)
+                  timeout=args.timeout, token=token, tls=args.tls, cafile=args.cafile,
+                  durable=args.fsync)
 
 
 def run_put(args: argparse.Namespace) -> int:

@@ -128,7 +128,7 @@ class Client:
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
                  timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
-                 tls: bool = False, cafile: str | None = None, durable: bool = True) -> None:
+                 tls: bool = False, cafile: str | None = None, durable: bool = False) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -141,6 +141,7 @@ class Client:
         self.tls = _client_tls_context(cafile) if tls else None
         self.server_agent = ""
         self._channel: Channel | None = None
+        self._hello_pending = False
         self._buffer = bytearray(buffer_size)
 
     # ------------------------------------------------------------ connection
@@ -168,6 +169,7 @@ class Client:
 
     def _open(self) -> Channel:
         where = f"{self.host}:{self.port}"
+        self._hello_pending = False
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
@@ -189,9 +191,12 @@ class Client:
             if greeting.version != PROTOCOL_VERSION:
                 raise ConnectionFailed(f"server speaks protocol {greeting.version}, this "
                                        f"client {PROTOCOL_VERSION}")
-            parse_hello_reply(self._read(channel))
             if greeting.nonce is not None:
+                parse_hello_reply(self._read(channel))
                 self._authenticate(channel, greeting.nonce)
+            else:
+                # the hello reply is read with the first reply: one round trip saved
+                self._hello_pending = True
         except OSError as exc:
             channel.close()
             raise ConnectionFailed(f"connection to {where} failed: {exc}") from None
@@ -237,9 +242,15 @@ class Client:
         assert self._channel is not None
         return self._channel
 
+    def _next_header(self, channel: Channel) -> dict[str, Any]:
+        if self._hello_pending:
+            self._hello_pending = False
+            parse_hello_reply(channel.read_header())
+        return channel.read_header()
+
     def _read(self, channel: Channel | None = None) -> dict[str, Any]:
         try:
-            return (channel or self.channel).read_header()
+            return self._next_header(channel or self.channel)
         except PeerClosed:
             raise ConnectionFailed("the server closed the connection") from None
         except OSError as exc:
@@ -256,7 +267,7 @@ class Client:
         channel = self.channel
         try:
             channel.sock.settimeout(2.0)
-            header = channel.read_header()
+            header = self._next_header(channel)
         except (OSError, PeerClosed, FilesrvError):
             self.close()
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
@@ -406,6 +417,7 @@ class Client:
                    progress: Progress | None) -> None:
         view = memoryview(self._buffer)
         limiter = RateLimiter(self.limit_rate)
+        zero_copy = self.tls is None  # the bytes we hash are then sent from the page cache
         position = offset
         if progress:
             progress(position, size)
@@ -416,11 +428,25 @@ class Client:
                 raise LocalError("local file shrank while it was being sent")
             chunk = view[:got]
             hasher.update(chunk)
-            self._send(chunk)
+            if zero_copy:
+                self._sendfile(fd, position, got)
+            else:
+                self._send(chunk)
             position += got
             limiter.consume(got)
             if progress:
                 progress(position, size)
+
+    def _sendfile(self, fd: int, position: int, count: int) -> None:
+        sock = self.channel.sock
+        try:
+            with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+                sent = sock.sendfile(fh, position, count)
+        except OSError as exc:
+            self._raise_pending_error(exc)
+        if sent != count:
+            self.close()
+            raise LocalError("local file shrank while it was being sent")
 
 
 class LocalPartial:

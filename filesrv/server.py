@@ -91,7 +91,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.options = self.server.options
         self.peer = _format_address(self.client_address)
-        self.buffer = bytearray(self.options.buffer_size)
+        self.buffer: bytearray | None = None  # only uploads need one: forks stay light
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(self.options.idle_timeout)
 
@@ -262,6 +262,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             upload.close()
 
     def _receive_into(self, upload: PartialUpload, length: int) -> None:
+        if self.buffer is None:
+            self.buffer = bytearray(self.options.buffer_size)
         view = memoryview(self.buffer)
         remaining = length
         with self.server.abortable():
@@ -286,7 +288,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self.request.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + _ERROR_DRAIN_SECONDS
             self.request.settimeout(_ERROR_DRAIN_SECONDS)
-            while time.monotonic() < deadline and self.request.recv_into(self.buffer):
+            while time.monotonic() < deadline and self.request.recv(65536):
                 pass
         except OSError:
             pass

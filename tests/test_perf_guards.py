@@ -1,0 +1,117 @@
+"""Regression guards for the fast paths, by structure rather than by time.
+
+Speed itself is measured by bench/run.py, never asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections import Counter
+from pathlib import Path
+
+from conftest import cli_json, random_file, xxh128_of
+from filesrv.client import Client
+from filesrv.protocol import Get, decode_header, parse_length_prefix
+from filesrv.server import ConnectionHandler
+from filesrv.storage import Storage
+from filesrv.transport import Channel
+
+
+class CountingSocket(socket.socket):
+    """A real socket that also counts how its bytes were sent."""
+
+    calls: Counter
+
+    def sendfile(self, *args, **kwargs):  # type: ignore[override]
+        self.calls["sendfile"] += 1
+        return super().sendfile(*args, **kwargs)
+
+    def sendall(self, *args, **kwargs):  # type: ignore[override]
+        self.calls["sendall"] += 1
+        return super().sendall(*args, **kwargs)
+
+    def send(self, *args, **kwargs):  # type: ignore[override]
+        self.calls["send"] += 1
+        return super().send(*args, **kwargs)
+
+
+def test_downloads_are_sent_with_sendfile(tmp_path: Path):
+    root = tmp_path / "root"
+    data = random_file(root / "f.bin", 8 * 1024 * 1024 + 3).read_bytes()
+    ours, theirs = socket.socketpair()
+    sock = CountingSocket(fileno=ours.detach())
+    sock.calls = Counter()
+    received = bytearray()
+
+    def reader() -> None:
+        while chunk := theirs.recv(1 << 20):
+            received.extend(chunk)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    handler = ConnectionHandler.__new__(ConnectionHandler)  # one command, no connection setup
+    handler.request = sock
+    handler.channel = Channel(sock)
+    handler.server = type("S", (), {"storage": Storage(str(root))})()
+    handler._get(Get(path="f.bin"))
+    sock.close()
+    thread.join(timeout=30)
+    theirs.close()
+    length = parse_length_prefix(bytes(received[:4]))
+    header = decode_header(bytes(received[4:4 + length]))
+    assert header["length"] == len(data) and bytes(received[4 + length:]) == data
+    assert sock.calls["sendfile"] == 1 and sock.calls["sendall"] == 1  # header, then body
+    assert sock.calls["send"] == 0
+
+
+def test_receive_loop_reuses_one_buffer(daemon, tmp_path: Path):
+    size = 32 * 1024 * 1024
+    src = random_file(daemon.root / "big.bin", size)
+    calls: Counter = Counter()
+
+    def profile(frame, event, arg) -> None:
+        if event == "c_call":
+            calls[getattr(arg, "__qualname__", str(arg))] += 1
+
+    with Client("127.0.0.1", daemon.port, buffer_size=256 * 1024) as client:
+        client.ls("")  # handshake outside the measured window
+        import sys
+        sys.setprofile(profile)
+        try:
+            client.get("big.bin", str(tmp_path / "big.bin"))
+        finally:
+            sys.setprofile(None)
+    assert xxh128_of(tmp_path / "big.bin") == xxh128_of(src)
+    assert calls["socket.recv_into"] >= size // (256 * 1024)
+    assert calls["socket.recv"] <= 2, calls  # headers only: body bytes never allocate
+    assert calls["bytearray"] == 0 and calls["bytes"] == 0, calls
+
+
+def test_get_with_fsync_flushes_through_the_writeback_window(daemon, tmp_path: Path):
+    src = random_file(daemon.root / "w.bin", 40 * 1024 * 1024 + 5)
+    got = cli_json("get", "-s", daemon.address, "--fsync", "w.bin", str(tmp_path / "w.bin"))
+    assert got["xxh128"] == xxh128_of(src) == xxh128_of(tmp_path / "w.bin")
+
+
+def test_put_sends_file_bytes_zero_copy_and_hashes_them(daemon, tmp_path: Path):
+    src = random_file(tmp_path / "p.bin", 5 * 1024 * 1024 + 1)
+    calls: Counter = Counter()
+
+    def profile(frame, event, arg) -> None:
+        if event == "c_call":
+            calls[getattr(arg, "__qualname__", str(arg))] += 1
+
+    import sys
+    with Client("127.0.0.1", daemon.port, buffer_size=1024 * 1024) as client:
+        client.ls("")
+        sys.setprofile(profile)
+        try:
+            result = client.put(str(src), "p.bin")
+        finally:
+            sys.setprofile(None)
+    assert result.xxh128 == xxh128_of(src) == xxh128_of(daemon.root / "p.bin")
+    assert calls["sendfile"] >= 6, calls  # os.sendfile: at least once per 1 MiB chunk
+    assert calls["socket.sendall"] == 3, calls  # the put, data and commit frames only
+    assert os.path.getsize(daemon.root / "p.bin") == src.stat().st_size
