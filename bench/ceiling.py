@@ -11,6 +11,7 @@ JSON header) and no validation: {"path": P} -> {"length": N} + sendfile.
     ceiling.py bulk-server PORT_FILE SERVE_FILE STORE_FILE
     ceiling.py bulk-get PORT OUT_FILE
     ceiling.py bulk-put PORT IN_FILE
+    ceiling.py bulk-put-fsync PORT IN_FILE   (the receiver fsyncs before acknowledging)
     ceiling.py small-server PORT_FILE ROOT
 """
 
@@ -60,7 +61,7 @@ def bulk_server(port_file: str, serve_file: str, store_file: str) -> None:
         if op == b"G":
             with open(serve_file, "rb") as fh:
                 conn.sendfile(fh)
-        elif op == b"P":
+        elif op in (b"P", b"F"):  # F: as P, then fsync before acknowledging
             (remaining,) = struct.unpack(">Q", _recv_exactly(conn, 8))
             fd = os.open(store_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             while remaining:
@@ -69,6 +70,8 @@ def bulk_server(port_file: str, serve_file: str, store_file: str) -> None:
                     break
                 os.write(fd, view[:got])
                 remaining -= got
+            if op == b"F":
+                os.fsync(fd)
             os.close(fd)
             conn.sendall(b"K")
         conn.close()
@@ -85,10 +88,10 @@ def bulk_get(port: int, out_file: str) -> None:
     os.close(fd)
 
 
-def bulk_put(port: int, in_file: str) -> None:
+def bulk_put(port: int, in_file: str, fsync: bool = False) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
     size = os.path.getsize(in_file)
-    sock.sendall(b"P" + struct.pack(">Q", size))
+    sock.sendall((b"F" if fsync else b"P") + struct.pack(">Q", size))
     with open(in_file, "rb") as fh:
         sock.sendfile(fh)
     assert sock.recv(1) == b"K"
@@ -143,6 +146,8 @@ if __name__ == "__main__":
         bulk_get(int(args[0]), args[1])
     elif command == "bulk-put":
         bulk_put(int(args[0]), args[1])
+    elif command == "bulk-put-fsync":
+        bulk_put(int(args[0]), args[1], fsync=True)
     elif command == "small-server":
         small_server(*args)
     else:

@@ -4,6 +4,7 @@ and a handler that owns one connection.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import socket
@@ -498,6 +499,12 @@ def serve(root: str, host: str, port: int, options: ServerOptions = ServerOption
     if options.read_only:
         log("read-only: uploads are refused")
     print(f"filesrv {__version__} listening on {shown} (root {storage.root})", flush=True)
+    # Children start warm: everything imported, and the objects that exist now moved
+    # out of the collector's reach, so a child's first collection does not touch (and
+    # copy) every page it inherited.
+    if options.tokens:
+        import hashlib, hmac  # noqa: E401,F401  (used by every authenticating child)
+    gc.freeze()
     try:
         server.serve_forever(poll_interval=0.5)
     finally:
