@@ -10,6 +10,7 @@ JSON header) and no validation: {"path": P} -> {"length": N} + sendfile.
 
     ceiling.py bulk-server PORT_FILE SERVE_FILE STORE_FILE
     ceiling.py bulk-get PORT OUT_FILE
+    ceiling.py bulk-get-n PORT OUT_FILE LIMIT   (only the first LIMIT bytes)
     ceiling.py bulk-put PORT IN_FILE
     ceiling.py bulk-put-fsync PORT IN_FILE   (the receiver fsyncs before acknowledging)
     ceiling.py small-server PORT_FILE ROOT
@@ -23,6 +24,7 @@ import socket
 import socketserver
 import struct
 import sys
+import threading
 
 BUFFER = 1024 * 1024
 
@@ -52,29 +54,35 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 def bulk_server(port_file: str, serve_file: str, store_file: str) -> None:
     listener = _listen()
     _announce(port_file, listener.getsockname()[1])
-    buf = bytearray(BUFFER)
-    view = memoryview(buf)
     while True:
         conn, _ = listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        op = conn.recv(1)
-        if op == b"G":
-            with open(serve_file, "rb") as fh:
-                conn.sendfile(fh)
-        elif op in (b"P", b"F"):  # F: as P, then fsync before acknowledging
-            (remaining,) = struct.unpack(">Q", _recv_exactly(conn, 8))
-            fd = os.open(store_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            while remaining:
-                got = conn.recv_into(view[: min(BUFFER, remaining)])
-                if not got:
-                    break
-                os.write(fd, view[:got])
-                remaining -= got
-            if op == b"F":
-                os.fsync(fd)
-            os.close(fd)
-            conn.sendall(b"K")
-        conn.close()
+        # a thread per connection, so that concurrent clients measure the machine
+        threading.Thread(target=_bulk_connection, args=(conn, serve_file, store_file),
+                         daemon=True).start()
+
+
+def _bulk_connection(conn: socket.socket, serve_file: str, store_file: str) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = bytearray(BUFFER)
+    view = memoryview(buf)
+    op = conn.recv(1)
+    if op == b"G":
+        with open(serve_file, "rb") as fh:
+            conn.sendfile(fh)
+    elif op in (b"P", b"F"):  # F: as P, then fsync before acknowledging
+        (remaining,) = struct.unpack(">Q", _recv_exactly(conn, 8))
+        fd = os.open(store_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        while remaining:
+            got = conn.recv_into(view[: min(BUFFER, remaining)])
+            if not got:
+                break
+            os.write(fd, view[:got])
+            remaining -= got
+        if op == b"F":
+            os.fsync(fd)
+        os.close(fd)
+        conn.sendall(b"K")
+    conn.close()
 
 
 def bulk_get(port: int, out_file: str) -> None:
@@ -86,6 +94,19 @@ def bulk_get(port: int, out_file: str) -> None:
     while got := sock.recv_into(view):
         os.write(fd, view[:got])
     os.close(fd)
+
+
+def bulk_get_n(port: int, out_file: str, limit: int) -> None:
+    """Like bulk_get, but only the first `limit` bytes (for concurrent runs)."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"G")
+    view = memoryview(bytearray(BUFFER))
+    fd = os.open(out_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    while limit and (got := sock.recv_into(view[: min(BUFFER, limit)])):
+        os.write(fd, view[:got])
+        limit -= got
+    os.close(fd)
+    sock.close()
 
 
 def bulk_put(port: int, in_file: str, fsync: bool = False) -> None:
@@ -144,6 +165,8 @@ if __name__ == "__main__":
         bulk_server(*args)
     elif command == "bulk-get":
         bulk_get(int(args[0]), args[1])
+    elif command == "bulk-get-n":
+        bulk_get_n(int(args[0]), args[1], int(args[2]))
     elif command == "bulk-put":
         bulk_put(int(args[0]), args[1])
     elif command == "bulk-put-fsync":
