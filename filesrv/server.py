@@ -30,6 +30,7 @@ _ERROR_DRAIN_SECONDS = 2.0         # after an error mid-body, read on so the cli
 _KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long later, SIGKILL
 _AUTH_FAILURE_DELAY = 1.0          # slows down guessing; paid by the failing child only
 _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned partials
+_INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
 
 
 @dataclass(frozen=True)
@@ -217,9 +218,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if offset > f.size:
                 raise BadRange(f"offset {offset} is beyond the end ({f.size} bytes)")
             length = f.size - offset
-            self.channel.send_header(ok_reply(size=f.size, offset=offset, length=length,
-                                              etag=f.etag, xxh128=storage.digest_of(f)))
-            self._send_file(f.fd, offset, length)
+            header = encode_frame(ok_reply(size=f.size, offset=offset, length=length,
+                                           etag=f.etag, xxh128=storage.digest_of(f)))
+            if length <= _INLINE_BODY:  # one send, one segment, no sendfile set-up
+                body = os.pread(f.fd, length, offset)
+                if len(body) != length:
+                    raise _CloseConnection("file shrank while it was sent")
+                self.channel.send_frame(header + body)
+                self.moved = length
+            else:
+                self.channel.send_frame(header)
+                self._send_file(f.fd, offset, length)
         finally:
             f.close()
 
