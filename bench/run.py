@@ -230,11 +230,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 repetitions, no 8 GiB file")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5, quick 2)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 2)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="also write the report (markdown) here")
     args = ap.parse_args()
-    reps = args.reps or (2 if args.quick else 5)
+    reps = args.reps or (2 if args.quick else 7)
     # as after `pip install`: bytecode compiled once, not at every start
     subprocess.run([PY, "-m", "compileall", "-q", str(REPO / "filesrv")], check=True)
     work = Path(tempfile.mkdtemp(prefix="filesrv-bench-", dir=args.dir))

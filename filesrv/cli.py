@@ -81,6 +81,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -166,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
                              metavar="BYTES", help="transfer buffer (default: 1M)")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                              help="give up on a silent server after this long (default: 60)")
+    client_opts.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
+                             help="when a connection is cut mid-transfer (or the server "
+                             "restarts), reconnect and resume up to N times, waiting 0.5 s, "
+                             "1 s, 2 s, 4 s, 8 s, 8 s... in between: with the default 5, "
+                             "about 15 s in all; 0 gives up at once (default: 5)")
     client_opts.add_argument("--fsync", action="store_true",
                              help="get: flush each downloaded file to disk before it takes its "
                              "name, so it survives a power loss (like the server does for "
@@ -236,7 +251,7 @@ def _client(args: argparse.Namespace) -> Any:
         raise UsageError("--cafile needs --tls")
     return Client(host, port, buffer_size=args.buffer_size, limit_rate=args.limit_rate,
                   timeout=args.timeout, token=token, tls=args.tls, cafile=args.cafile,
-                  durable=args.fsync)
+                  durable=args.fsync, retries=args.retries)
 
 
 def run_put(args: argparse.Namespace) -> int:

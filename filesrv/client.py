@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import xxhash
 
@@ -34,9 +34,14 @@ DEFAULT_BUFFER_SIZE = 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
 BUSY_RETRIES = 4          # attempts when the server answers busy
 BUSY_BACKOFF = 0.25       # seconds before the second attempt; doubles each time
+RETRIES = 5               # reconnect-and-resume attempts after a connection is cut
+RETRY_BACKOFF = 0.5       # seconds before the first of them; doubles each time...
+RETRY_BACKOFF_MAX = 8.0   # ...up to this: 0.5 + 1 + 2 + 4 + 8 = 15.5 s with the defaults
 PARTIAL_SUFFIX = ".filesrv-part"
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
+
+_T = TypeVar("_T")
 
 # progress(done, total): bytes of the file present so far (resumed bytes included)
 Progress = Callable[[int, int], None]
@@ -77,6 +82,9 @@ def parse_server(address: str) -> tuple[str, int]:
 
 class _ClosedBeforeGreeting(ConnectionFailed):
     """The server hung up before its greeting: busy (with TLS), or a TLS mismatch."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message, retryable=False)  # connect() already retried it
 
 
 def _client_tls_context(cafile: str | None) -> "ssl.SSLContext":
@@ -129,7 +137,8 @@ class Client:
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
                  timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
-                 tls: bool = False, cafile: str | None = None, durable: bool = False) -> None:
+                 tls: bool = False, cafile: str | None = None, durable: bool = False,
+                 retries: int = RETRIES) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -143,6 +152,8 @@ class Client:
         self.server_agent = ""
         self._channel: Channel | None = None
         self._hello_pending = False
+        self._ever_connected = False
+        self.retries = retries
         self._buffers: dict[int, bytearray] = {}
 
     # ------------------------------------------------------------ connection
@@ -174,7 +185,9 @@ class Client:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise ConnectionFailed(f"cannot connect to {where}: {exc.strerror or exc}") from None
+            # refused right after a cut: the server is restarting; refused at first: a typo
+            raise ConnectionFailed(f"cannot connect to {where}: {exc.strerror or exc}",
+                                   retryable=self._ever_connected) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             sock = self._start_tls(sock, where)
@@ -191,7 +204,7 @@ class Client:
                     "expects TLS (try --tls)") from None
             if greeting.version != PROTOCOL_VERSION:
                 raise ConnectionFailed(f"server speaks protocol {greeting.version}, this "
-                                       f"client {PROTOCOL_VERSION}")
+                                       f"client {PROTOCOL_VERSION}", retryable=False)
             if greeting.nonce is not None:
                 parse_hello_reply(self._read(channel))
                 self._authenticate(channel, greeting.nonce)
@@ -205,6 +218,7 @@ class Client:
             channel.close()
             raise
         self.server_agent = greeting.server
+        self._ever_connected = True
         return channel
 
     def _start_tls(self, sock: socket.socket, where: str) -> socket.socket:
@@ -214,11 +228,13 @@ class Client:
             return self.tls.wrap_socket(sock, server_hostname=self.host)
         except ssl.SSLCertVerificationError as exc:
             sock.close()
-            raise ConnectionFailed(f"TLS: cannot verify {where}: {exc.verify_message}") from None
+            raise ConnectionFailed(f"TLS: cannot verify {where}: {exc.verify_message}",
+                                   retryable=False) from None
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise ConnectionFailed(f"TLS handshake with {where} failed ({exc}): does the "
-                                   "server use TLS? (it does only with --tls-cert)") from None
+                                   "server use TLS? (it does only with --tls-cert)",
+                                   retryable=False) from None
 
     def _authenticate(self, channel: Channel, nonce: str) -> None:
         proof = auth_proof(self.token, nonce) if self.token else None
@@ -296,6 +312,23 @@ class Client:
         except OSError as exc:
             raise ConnectionFailed(f"connection to the server failed: {exc}") from None
 
+    def _retrying(self, attempt: Callable[[], _T]) -> _T:
+        """Run a transfer attempt; after a cut connection reconnect and run it again.
+
+        Each attempt resumes where the last one stopped (the partials say where).
+        """
+        delay = RETRY_BACKOFF
+        for tries_left in range(self.retries, -1, -1):
+            try:
+                return attempt()
+            except ConnectionFailed as exc:
+                if not exc.retryable or tries_left == 0:
+                    raise
+                self.close()
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_BACKOFF_MAX)
+        raise AssertionError("unreachable")
+
     # ------------------------------------------------------------ get
 
     def get(self, remote: str, local: str, *, progress: Progress | None = None
@@ -308,10 +341,10 @@ class Client:
         started = time.monotonic()
         partial = LocalPartial(local, durable=self.durable)
         try:
-            result = self._get_into(remote, partial, progress)
+            result = self._retrying(lambda: self._get_into(remote, partial, progress))
             if result is None:  # a resumed partial did not verify: once more from zero
                 partial.reset()
-                result = self._get_into(remote, partial, progress)
+                result = self._retrying(lambda: self._get_into(remote, partial, progress))
             if result is None:
                 raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
                                      "match the server's; the partial was discarded")
@@ -385,10 +418,10 @@ class Client:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise LocalError(f"{local} is not a regular file")
-            outcome = self._put_once(fd, st, remote, progress)
+            outcome = self._retrying(lambda: self._put_once(fd, st, remote, progress))
             if outcome is None:
                 # a resumed upload did not verify and the server dropped its partial
-                outcome = self._put_once(fd, st, remote, progress)
+                outcome = self._retrying(lambda: self._put_once(fd, st, remote, progress))
             if outcome is None:
                 raise IntegrityError(f"{remote}: the server's digest did not match twice")
             resumed_from, digest = outcome

@@ -126,6 +126,10 @@ class ConnectionFailed(FilesrvError):
     code = "connection"
     exit_status = 3
 
+    def __init__(self, message: str = "", *, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable  # worth reconnecting and resuming
+
 
 class LocalError(FilesrvError):
     """Client side only: a local file could not be read or written."""
