@@ -108,9 +108,12 @@ class Link:
         for sock in (self.client, self.upstream):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
+                # shutdown first: it wakes the other direction's thread out of recv(),
+                # which would otherwise keep the socket (and the reset) from happening
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()
 
 
 def serve(args: argparse.Namespace) -> None:

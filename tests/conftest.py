@@ -228,3 +228,36 @@ def raw_connections() -> Iterator[list[RawConnection]]:
     yield conns
     for c in conns:
         c.close()
+
+
+class FaultProxy:
+    """rig/faultproxy.py in front of a daemon, on a free loopback port."""
+
+    def __init__(self, upstream_port: int, *faults: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "rig" / "faultproxy.py"), "--listen", "127.0.0.1:0",
+             "--upstream", f"127.0.0.1:{upstream_port}", *faults],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV)
+        line = _read_line(self.proc, START_TIMEOUT)
+        assert "faultproxy listening on" in line, line
+        self.port = int(line.rsplit(":", 1)[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def fault_proxy() -> Iterator[Any]:
+    proxies: list[FaultProxy] = []
+
+    def make(upstream_port: int, *faults: str) -> FaultProxy:
+        proxies.append(FaultProxy(upstream_port, *faults))
+        return proxies[-1]
+
+    yield make
+    for p in proxies:
+        p.stop()

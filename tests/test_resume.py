@@ -65,7 +65,8 @@ def test_put_resumes_after_client_is_killed(daemon, tmp_path: Path):
 def test_put_resumes_after_daemon_is_killed_and_restarted(daemon_factory, tmp_path: Path):
     daemon = daemon_factory()
     src = random_file(tmp_path / "big.bin", SIZE)
-    proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
+    proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, "--retries", "0",
+                     str(src), "big.bin")
     wait_for(lambda: partial_size(server_partials(daemon)) >= 1024 * 1024, what="partial")
     daemon.crash()
     assert proc.wait(timeout=30) == 3, proc.stderr.read()  # connection error
@@ -80,7 +81,8 @@ def test_get_resumes_after_daemon_is_killed_and_restarted(daemon_factory, tmp_pa
     daemon = daemon_factory()
     src = random_file(daemon.root / "big.bin", SIZE)
     dest = tmp_path / "big.bin"
-    proc = start_cli("get", "-s", daemon.address, "--limit-rate", SLOW, "big.bin", str(dest))
+    proc = start_cli("get", "-s", daemon.address, "--limit-rate", SLOW, "--retries", "0",
+                     "big.bin", str(dest))
     wait_for(lambda: partial_size([local_partial(dest)]) >= 1024 * 1024, what="partial")
     daemon.crash()
     assert proc.wait(timeout=30) == 3

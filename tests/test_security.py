@@ -405,7 +405,8 @@ def test_sigterm_lets_a_transfer_in_flight_finish(daemon_factory, tmp_path):
 def test_grace_period_over_the_transfer_is_cut_and_resumes_later(daemon_factory, tmp_path):
     daemon = daemon_factory("--grace", "0.5")
     src = random_file(tmp_path / "g.bin", 16 * 1024 * 1024)
-    put = start_cli("put", "-s", daemon.address, "--limit-rate", "2M", str(src))
+    put = start_cli("put", "-s", daemon.address, "--limit-rate", "2M", "--retries", "0",
+                    str(src))
     wait_for(lambda: any((daemon.root / ".filesrv" / "partials").glob("*.part")),
              what="the upload to start")
     time.sleep(0.5)
@@ -451,7 +452,8 @@ def test_sigkill_at_any_moment_of_a_put_never_tears_the_final_name(daemon_factor
     daemon = daemon_factory()
     cli("put", "-s", daemon.address, str(old), "target.bin")
     for round_ in range(6):
-        put = start_cli("put", "-s", daemon.address, "--limit-rate", "8M", str(new),
+        put = start_cli("put", "-s", daemon.address, "--limit-rate", "8M", "--retries", "0",
+                        str(new),
                         "target.bin")
         time.sleep(rng.uniform(0.0, 0.35))
         if victim == "child":
