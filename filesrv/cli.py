@@ -61,44 +61,25 @@ def positive_size(text: str) -> int:
     return size
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
+def _bounded(kind: Callable[[str], Any], low: float, *, strict: bool, what: str
+             ) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` that is >= low (> low when strict)."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not (value > low if strict else value >= low):  # also refuses NaN
+            raise argparse.ArgumentTypeError(
+                f"must be {'greater than' if strict else 'at least'} {low:g}")
+        return value
+    return parse
 
 
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError("must be 0 or more")
-    return value
+positive_int = _bounded(int, 1, strict=False, what="an integer")
+non_negative_int = _bounded(int, 0, strict=False, what="an integer")
+positive_float = _bounded(float, 0, strict=True, what="a number")
+non_negative_float = _bounded(float, 0, strict=False, what="a number")
 
 
 def format_size(n: float) -> str:

@@ -208,10 +208,14 @@ def serving_replica(rig: Rig) -> str:
     raise AssertionError("no replica is serving the transfer")
 
 
-def test_cut_on_one_replica_resumes_through_the_other(rig: Rig):
+def replicas_up(rig: Rig) -> None:
     rig.compose("--profile", "replicas", "up", "-d", "haproxy", "server-a", "server-b")
     rig.wait_healthy("server-a")
     rig.wait_healthy("server-b")
+
+
+def test_cut_on_one_replica_resumes_through_the_other(rig: Rig):
+    replicas_up(rig)
     digest = make_file(rig, "/tmp/rep.bin", 192)
     put = rig.sh_background("client", "filesrv put -s haproxy:8750 --limit-rate 32M "
                             "--retries 8 --json /tmp/rep.bin rep.bin")
@@ -228,9 +232,7 @@ def test_cut_on_one_replica_resumes_through_the_other(rig: Rig):
 
 
 def test_concurrent_puts_to_one_name_through_both_replicas_never_tear(rig: Rig):
-    rig.compose("--profile", "replicas", "up", "-d", "haproxy", "server-a", "server-b")
-    rig.wait_healthy("server-a")
-    rig.wait_healthy("server-b")
+    replicas_up(rig)
     digests = {make_file(rig, f"/tmp/v{i}.bin", 16) for i in range(4)}
     puts = [rig.sh_background("client", f"filesrv put -s haproxy:8750 --retries 8 --json "
                               f"/tmp/v{i}.bin same.bin") for i in range(4)]
