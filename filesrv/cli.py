@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import FilesrvError, LocalError
+from .errors import FilesrvError, IsADirectory, LocalError
 
 DEFAULT_SERVER_PORT = 8750
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -24,7 +24,10 @@ examples:
   export FILESRV_SERVER=fileserver:8750
   filesrv put big.iso isos/            upload to isos/big.iso
   filesrv get isos/big.iso /tmp/       download to /tmp/big.iso
-  filesrv ls isos
+  filesrv ls -l isos
+  filesrv mkdir -p isos/old && filesrv mv isos/big.iso isos/old/big.iso
+  filesrv hash -r isos > SUMS          then: cd isos && xxh128sum -c ../SUMS
+  filesrv rm -r isos/old
 
 An interrupted put or get resumes when you run the same command again. Every
 transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
@@ -196,7 +199,42 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("ls", parents=[client_opts], help="list a remote directory",
                         description="List one remote directory (default: the root).")
     ls.add_argument("remote", metavar="REMOTE_DIR", nargs="?", default="")
+    ls.add_argument("-l", dest="long", action="store_true",
+                    help="long format: size and modification time")
+    ls.add_argument("-r", "--recursive", action="store_true",
+                    help="the whole tree, with paths relative to REMOTE_DIR")
     ls.set_defaults(run=run_ls)
+
+    rm = sub.add_parser("rm", parents=[client_opts], help="delete remote files",
+                        description="Delete remote files; directories only with -r. The "
+                        "root itself is never removed. Refused by a --read-only daemon.")
+    rm.add_argument("remote", metavar="REMOTE", nargs="+")
+    rm.add_argument("-r", "--recursive", action="store_true",
+                    help="delete directories and everything in them")
+    rm.set_defaults(run=run_rm)
+
+    mv = sub.add_parser("mv", parents=[client_opts], help="rename a remote file or directory",
+                        description="Rename SRC to DST within the daemon's root, atomically; a "
+                        "file at DST is replaced. The parent of DST must exist.")
+    mv.add_argument("src", metavar="SRC")
+    mv.add_argument("dst", metavar="DST")
+    mv.set_defaults(run=run_mv)
+
+    mkdir = sub.add_parser("mkdir", parents=[client_opts], help="create remote directories",
+                           description="Create remote directories.")
+    mkdir.add_argument("remote", metavar="REMOTE_DIR", nargs="+")
+    mkdir.add_argument("-p", "--parents", action="store_true",
+                       help="create missing parents; no error if it exists")
+    mkdir.set_defaults(run=run_mkdir)
+
+    hashes = sub.add_parser("hash", parents=[client_opts], help="print XXH3-128 digests",
+                            description="Print the server's XXH3-128 digests exactly as "
+                            "xxh128sum does, so that `filesrv hash -r dir > SUMS && cd dir && "
+                            "xxh128sum -c SUMS` checks a downloaded tree with a standard tool.")
+    hashes.add_argument("remote", metavar="REMOTE", nargs="+")
+    hashes.add_argument("-r", "--recursive", action="store_true",
+                        help="every file under a directory, named relative to it")
+    hashes.set_defaults(run=run_hash)
     return parser
 
 
@@ -263,15 +301,68 @@ def run_get(args: argparse.Namespace) -> int:
 
 def run_ls(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        entries = client.ls(args.remote)
+        entries = client.ls(args.remote, recursive=args.recursive)
     if args.json:
         print(json.dumps([e.as_dict() for e in entries], ensure_ascii=False))
         return 0
     for e in entries:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
-        size = "-" if e.type == "dir" else format_size(e.size)
-        print(f"{size:>10}  {when}  {e.name}{'/' if e.type == 'dir' else ''}")
+        name = e.name + ("/" if e.type == "dir" else "")
+        if args.long:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+            size = "-" if e.type == "dir" else format_size(e.size)
+            print(f"{size:>10}  {when}  {name}")
+        else:
+            print(name)
     return 0
+
+
+def run_rm(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for remote in args.remote:
+            removed = client.rm(remote, recursive=args.recursive)
+            _say(args, {"path": remote, "removed": removed},
+                 f"removed {remote}" + (f" ({removed} entries)" if removed > 1 else ""))
+    return 0
+
+
+def run_mv(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.mv(args.src, args.dst)
+    _say(args, {"src": args.src, "dst": args.dst}, f"moved {args.src} -> {args.dst}")
+    return 0
+
+
+def run_mkdir(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for remote in args.remote:
+            client.mkdir(remote, parents=args.parents)
+            _say(args, {"path": remote}, f"created {remote}")
+    return 0
+
+
+def run_hash(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for remote in args.remote:
+            info = client.stat(remote)
+            if info.type == "file":
+                _print_digest(args, remote, info.size, info.xxh128)
+                continue
+            if not args.recursive:
+                raise IsADirectory(f"{remote} is a directory (use -r)")
+            base = remote.rstrip("/")
+            for entry in client.ls(remote, recursive=True):
+                if entry.type == "file":
+                    path = f"{base}/{entry.name}" if base else entry.name
+                    _print_digest(args, entry.name, entry.size, client.hash(path))
+    return 0
+
+
+def _print_digest(args: argparse.Namespace, name: str, size: int, digest: str | None) -> None:
+    _say(args, {"path": name, "size": size, "xxh128": digest}, f"{digest}  {name}")
+
+
+def _say(args: argparse.Namespace, record: dict[str, Any], human: str) -> None:
+    print(json.dumps(record, ensure_ascii=False) if args.json else human, flush=True)
 
 
 def _report(verb: str, result: Any, args: argparse.Namespace) -> None:

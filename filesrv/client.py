@@ -20,11 +20,12 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
-                     FilesrvError, IntegrityError, LocalError)
-from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, ListDir, Put,
-                       auth_proof, check_reply, decode_listing, normalize_path,
-                       parse_commit_reply, parse_get_reply, parse_hello_reply,
-                       parse_list_reply, parse_path, parse_put_reply)
+                     FilesrvError, IntegrityError, IsADirectory, LocalError)
+from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, ListDir,
+                       MakeDir, Move, Put, Remove, Stat, StatReply, auth_proof, check_reply,
+                       decode_listing, normalize_path, parse_commit_reply, parse_get_reply,
+                       parse_hello_reply, parse_list_reply, parse_path, parse_put_reply,
+                       parse_removed_reply, parse_stat_reply)
 from .durability import Writeback
 from .hashing import hash_fd_range
 from .transport import Channel, PeerClosed
@@ -303,9 +304,10 @@ class Client:
 
     # ------------------------------------------------------------ ls
 
-    def ls(self, path: str = "") -> list[Entry]:
+    def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
+        """One directory's entries; recursive: the whole tree, names relative to `path`."""
         parse_path(path, allow_root=True)
-        self._send(ListDir(path=path).frame())
+        self._send(ListDir(path=path, recursive=recursive).frame())
         length = parse_list_reply(self._read())
         try:
             return decode_listing(self.channel.read_body(length))
@@ -328,6 +330,39 @@ class Client:
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX)
         raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------ management
+
+    def stat(self, path: str) -> StatReply:
+        """type ("file"/"dir"), size, mtime and, for files, the XXH3-128 digest."""
+        parse_path(path, allow_root=True)
+        self._send(Stat(path=path).frame())
+        return parse_stat_reply(self._read())
+
+    def hash(self, path: str) -> str:
+        """The server's XXH3-128 digest of a file, as xxh128sum prints it."""
+        info = self.stat(path)
+        if info.xxh128 is None:
+            raise IsADirectory(f"{path!r} is a directory")
+        return info.xxh128
+
+    def rm(self, path: str, recursive: bool = False) -> int:
+        """Delete a file (or with recursive, a directory tree); how many entries went."""
+        parse_path(path, allow_root=True)
+        self._send(Remove(path=path, recursive=recursive).frame())
+        return parse_removed_reply(self._read())
+
+    def mv(self, src: str, dst: str) -> None:
+        """Rename within the server's root, atomically."""
+        parse_path(src, allow_root=True)
+        parse_path(dst, allow_root=True)
+        self._send(Move(src=src, dst=dst).frame())
+        check_reply(self._read())
+
+    def mkdir(self, path: str, parents: bool = False) -> None:
+        parse_path(path, allow_root=True)
+        self._send(MakeDir(path=path, parents=parents).frame())
+        check_reply(self._read())
 
     # ------------------------------------------------------------ get
 

@@ -58,6 +58,11 @@ class IsADirectory(FilesrvError):
     exit_status = 4
 
 
+class AlreadyExists(FilesrvError):
+    code = "exists"
+    exit_status = 4
+
+
 class NotADirectory(FilesrvError):
     code = "not_a_directory"
     exit_status = 4
@@ -150,7 +155,7 @@ ERRORS_BY_CODE: dict[str, type[FilesrvError]] = {
     for cls in (
         BadRequest, VersionMismatch, BadPath, BadRange, NotFound, IsADirectory,
         NotADirectory, Busy, Superseded, IntegrityError, NoSpace, IoError, ServerError,
-        AuthFailed, ReadOnly, TooLarge,
+        AuthFailed, ReadOnly, TooLarge, AlreadyExists,
     )
 }
 

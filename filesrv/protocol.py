@@ -135,6 +135,11 @@ def _digest(header: Mapping[str, Any], key: str) -> str:
     return value
 
 
+def _flag(header: Mapping[str, Any], key: str) -> bool:
+    """An optional boolean field (absent or null: false)."""
+    return bool(_field(header, key, bool, optional=True))
+
+
 def _path(header: Mapping[str, Any], key: str = "path") -> str:
     value = _field(header, key, str)
     parse_path(value, allow_root=True)  # syntax only; the op decides about the root
@@ -227,11 +232,43 @@ class Auth(Request):
 
 
 class ListDir(Request):
-    __slots__ = ("path",)
+    __slots__ = ("path", "recursive")
     op = "ls"
 
-    def __init__(self, path: str = "") -> None:
+    def __init__(self, path: str = "", recursive: bool = False) -> None:
+        self._set(path=path, recursive=recursive)
+
+
+class Stat(Request):
+    __slots__ = ("path",)
+    op = "stat"
+
+    def __init__(self, path: str) -> None:
         self._set(path=path)
+
+
+class Remove(Request):
+    __slots__ = ("path", "recursive")
+    op = "rm"
+
+    def __init__(self, path: str, recursive: bool = False) -> None:
+        self._set(path=path, recursive=recursive)
+
+
+class Move(Request):
+    __slots__ = ("src", "dst")
+    op = "mv"
+
+    def __init__(self, src: str, dst: str) -> None:
+        self._set(src=src, dst=dst)
+
+
+class MakeDir(Request):
+    __slots__ = ("path", "parents")
+    op = "mkdir"
+
+    def __init__(self, path: str, parents: bool = False) -> None:
+        self._set(path=path, parents=parents)
 
 
 class Get(Request):
@@ -291,7 +328,11 @@ def _parse_auth(h: Mapping[str, Any]) -> Auth:
 _PARSERS = {
     "hello": _parse_hello,
     "auth": _parse_auth,
-    "ls": lambda h: ListDir(path=_path(h)),
+    "ls": lambda h: ListDir(path=_path(h), recursive=_flag(h, "recursive")),
+    "stat": lambda h: Stat(path=_path(h)),
+    "rm": lambda h: Remove(path=_path(h), recursive=_flag(h, "recursive")),
+    "mv": lambda h: Move(src=_path(h, "src"), dst=_path(h, "dst")),
+    "mkdir": lambda h: MakeDir(path=_path(h), parents=_flag(h, "parents")),
     "get": _parse_get,
     "put": _parse_put,
     "data": lambda h: Data(length=_count(h, "length")),
@@ -357,6 +398,13 @@ class CommitReply(NamedTuple):
     xxh128: str
 
 
+class StatReply(NamedTuple):
+    type: str  # "file" or "dir"
+    size: int
+    mtime: float
+    xxh128: str | None  # files only
+
+
 def parse_hello_reply(header: Mapping[str, Any]) -> HelloReply:
     h = check_reply(header)
     auth = _field(h, "auth", dict, optional=True)
@@ -410,6 +458,19 @@ def parse_put_reply(header: Mapping[str, Any]) -> PutReply:
 def parse_commit_reply(header: Mapping[str, Any]) -> CommitReply:
     h = check_reply(header)
     return CommitReply(size=_count(h, "size"), xxh128=_digest(h, "xxh128"))
+
+
+def parse_stat_reply(header: Mapping[str, Any]) -> StatReply:
+    h = check_reply(header)
+    kind = _field(h, "type", str)
+    if kind not in ("file", "dir"):
+        raise BadRequest(f"stat reply has unknown type {kind!r}")
+    digest = _digest(h, "xxh128") if kind == "file" else None
+    return StatReply(kind, _count(h, "size"), float(_field(h, "mtime", (int, float))), digest)
+
+
+def parse_removed_reply(header: Mapping[str, Any]) -> int:
+    return _count(check_reply(header), "removed")
 
 
 def parse_list_reply(header: Mapping[str, Any]) -> int:

@@ -19,7 +19,8 @@ from typing import Any, Callable
 from . import __version__
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
                      ReadOnly, ServerError, Superseded, TooLarge)
-from .protocol import (Auth, Commit, Data, Get, Hello, ListDir, Put, check_version,
+from .protocol import (Auth, Commit, Data, Get, Hello, ListDir, MakeDir, Move, Put, Remove,
+                       Stat, check_version,
                        encode_frame, encode_listing, error_reply, greeting, ok_reply,
                        parse_path, parse_request, proof_matches)
 from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage
@@ -202,7 +203,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     # -- commands
 
     def _ls(self, request: ListDir) -> None:
-        entries = self.server.storage.list_dir(parse_path(request.path, allow_root=True))
+        entries = self.server.storage.list_dir(parse_path(request.path, allow_root=True),
+                                               recursive=request.recursive)
         body = encode_listing(entries)
         self.channel.send_header(ok_reply(length=len(body), count=len(entries)))
         self.channel.send_bytes(body)
@@ -243,8 +245,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise _CloseConnection("file shrank while it was sent")
 
     def _put(self, request: Put) -> None:
-        if self.options.read_only:
-            raise ReadOnly("the server is read-only")
+        self._writable()
         limit = self.options.max_file_size
         if limit is not None and request.size > limit:
             raise TooLarge(f"{request.size} bytes exceeds the server's limit of {limit}")
@@ -304,8 +305,45 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             pass
         raise _CloseConnection(error.code)
 
+    def _stat(self, request: Stat) -> None:
+        storage = self.server.storage
+        parts = parse_path(request.path, allow_root=True)
+        kind, st = storage.stat_entry(parts)
+        if kind == "dir":
+            self.channel.send_header(ok_reply(type="dir", size=0, mtime=st.st_mtime))
+            return
+        f = storage.open_for_read(parts)  # refuses what is not a regular file
+        try:
+            self.channel.send_header(ok_reply(type="file", size=f.size, mtime=st.st_mtime,
+                                              xxh128=storage.digest_of(f)))
+        finally:
+            f.close()
+
+    def _writable(self) -> None:
+        if self.options.read_only:
+            raise ReadOnly("the server is read-only")
+
+    def _rm(self, request: Remove) -> None:
+        self._writable()
+        removed = self.server.storage.remove(parse_path(request.path, allow_root=True),
+                                             request.recursive)
+        self.channel.send_header(ok_reply(removed=removed))
+
+    def _mv(self, request: Move) -> None:
+        self._writable()
+        self.server.storage.move(parse_path(request.src, allow_root=True),
+                                 parse_path(request.dst, allow_root=True))
+        self.channel.send_header(ok_reply())
+
+    def _mkdir(self, request: MakeDir) -> None:
+        self._writable()
+        self.server.storage.make_dir(parse_path(request.path, allow_root=True),
+                                     request.parents)
+        self.channel.send_header(ok_reply())
+
     _dispatch: dict[type, Callable[["ConnectionHandler", Any], None]] = {
-        ListDir: _ls, Get: _get, Put: _put,
+        ListDir: _ls, Get: _get, Put: _put, Stat: _stat, Remove: _rm, Move: _mv,
+        MakeDir: _mkdir,
     }
 
     # -- helpers

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .errors import (BadPath, BadRange, Busy, FilesrvError, IntegrityError, IoError,
+from .errors import (AlreadyExists, BadPath, BadRange, Busy, FilesrvError, IntegrityError, IoError,
                      IsADirectory, NoSpace, NotADirectory, NotFound)
 from .durability import Writeback
 from .hashing import hash_fd_range
@@ -83,7 +83,7 @@ class Storage:
 
     # ------------------------------------------------------------ resolution
 
-    def _resolve(self, parts: tuple[str, ...], *,
+    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool = True,
                  create_parents: bool = False, missing_parents_ok: bool = False
                  ) -> tuple[int, str | None] | None:
         """Walk `parts` from the root: (fd of the parent directory, final name).
@@ -123,7 +123,7 @@ class Storage:
                     raise NotFound(f"no such directory: {name!r}") from None
                 except NotADirectoryError:
                     raise NotADirectory("a parent in the path is not a directory") from None
-                if stat.S_ISLNK(st.st_mode):
+                if stat.S_ISLNK(st.st_mode) and (follow_last or not is_last):
                     hops += 1
                     if hops > _MAX_SYMLINK_HOPS:
                         raise BadPath("too many levels of symbolic links")
@@ -262,7 +262,26 @@ class Storage:
 
     # ------------------------------------------------------------ listing
 
-    def list_dir(self, parts: tuple[str, ...]) -> list[Entry]:
+    def list_dir(self, parts: tuple[str, ...], recursive: bool = False) -> list[Entry]:
+        """Entries of one directory, or (recursive) of its whole tree with relative names.
+
+        A recursive walk does not descend into symlinked directories (no cycles).
+        """
+        entries: list[Entry] = []
+        pending = [("", parts)]
+        while pending:
+            prefix, where = pending.pop()
+            for entry in self._list_one(where):
+                entries.append(entry._replace(name=prefix + entry.name))
+                if recursive and entry.type == "dir" and not self._is_link(where, entry.name):
+                    pending.append((prefix + entry.name + "/", where + (entry.name,)))
+        entries.sort(key=lambda e: e.name)
+        return entries
+
+    def _is_link(self, where: tuple[str, ...], name: str) -> bool:
+        return self.stat_entry(where + (name,), follow=False)[0] == "link"
+
+    def _list_one(self, parts: tuple[str, ...]) -> list[Entry]:
         dir_fd = self._open_dir(parts)
         entries = []
         try:
@@ -275,7 +294,6 @@ class Storage:
                         entries.append(entry)
         finally:
             os.close(dir_fd)
-        entries.sort(key=lambda e: e.name)
         return entries
 
     def _entry(self, parts: tuple[str, ...], item: os.DirEntry) -> Entry | None:
@@ -299,6 +317,104 @@ class Storage:
             if name is None:
                 return os.fstat(parent_fd)
             return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        finally:
+            os.close(parent_fd)
+
+    # ------------------------------------------------------------ management
+
+    def stat_entry(self, parts: tuple[str, ...], follow: bool = True
+                   ) -> tuple[str, os.stat_result]:
+        """("file" | "dir" | "link" | "other", stat) of a path inside the root."""
+        resolved = self._resolve(parts, follow_last=follow)
+        assert resolved is not None
+        parent_fd, name = resolved
+        try:
+            st = os.fstat(parent_fd) if name is None else \
+                os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            raise NotFound(f"no such file or directory: {'/'.join(parts)!r}") from None
+        finally:
+            os.close(parent_fd)
+        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+                else "link" if stat.S_ISLNK(st.st_mode) else "other")
+        return kind, st
+
+    def remove(self, parts: tuple[str, ...], recursive: bool) -> int:
+        """Delete a file, a symlink (not its target) or, if recursive, a tree; the count."""
+        if not parts:
+            raise BadPath("refusing to remove the root")
+        resolved = self._resolve(parts, follow_last=False)
+        assert resolved is not None
+        parent_fd, name = resolved
+        shown = "/".join(parts)
+        try:
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=parent_fd)
+                return 1
+            if not recursive:
+                raise IsADirectory(f"{shown!r} is a directory (remove it with -r)")
+            return _remove_tree(parent_fd, name)
+        except FileNotFoundError:
+            raise NotFound(f"no such file or directory: {shown!r}") from None
+        except OSError as exc:
+            raise io_error(exc, f"removing {shown!r}") from None
+        finally:
+            os.close(parent_fd)
+
+    def move(self, src: tuple[str, ...], dst: tuple[str, ...]) -> None:
+        """Rename within the root, atomically; an existing file at dst is replaced."""
+        if not src or not dst:
+            raise BadPath("the root cannot be moved or replaced")
+        if dst[: len(src)] == src:
+            raise BadPath("cannot move a directory into itself")
+        src_resolved = self._resolve(src, follow_last=False)
+        assert src_resolved is not None
+        src_fd, src_name = src_resolved
+        try:
+            dst_resolved = self._resolve(dst, follow_last=False)
+            assert dst_resolved is not None
+            dst_fd, dst_name = dst_resolved
+            try:
+                try:
+                    existing = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
+                    if stat.S_ISDIR(existing.st_mode):
+                        raise IsADirectory(f"{'/'.join(dst)!r} is a directory")
+                except FileNotFoundError:
+                    pass
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                os.fsync(dst_fd)
+            finally:
+                os.close(dst_fd)
+        except FileNotFoundError:
+            raise NotFound(f"no such file or directory: {'/'.join(src)!r}") from None
+        except NotADirectoryError:
+            raise NotADirectory(f"cannot replace a file with a directory: {'/'.join(dst)!r}"
+                                ) from None
+        except OSError as exc:
+            raise io_error(exc, "moving") from None
+        finally:
+            os.close(src_fd)
+
+    def make_dir(self, parts: tuple[str, ...], parents: bool) -> None:
+        if not parts:
+            if parents:
+                return
+            raise AlreadyExists("the root exists")
+        resolved = self._resolve(parts, create_parents=parents)
+        assert resolved is not None
+        parent_fd, name = resolved
+        try:
+            os.mkdir(name, 0o755, dir_fd=parent_fd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=parent_fd)
+            if not stat.S_ISDIR(st.st_mode):
+                raise NotADirectory(f"{'/'.join(parts)!r} exists and is not a directory"
+                                    ) from None
+            if not parents:
+                raise AlreadyExists(f"{'/'.join(parts)!r} already exists") from None
+        except OSError as exc:
+            raise io_error(exc, "creating a directory") from None
         finally:
             os.close(parent_fd)
 
@@ -394,6 +510,33 @@ class Storage:
                 os.unlink(n, dir_fd=self.trash_fd)
             except FileNotFoundError:
                 pass
+
+
+def _remove_tree(parent_fd: int, name: str) -> int:
+    """Delete a directory tree through directory fds (no symlink is ever followed)."""
+    count = 0
+    stack = [(parent_fd, name, os.open(name, _DIR_FLAGS, dir_fd=parent_fd), False)]
+    try:
+        while stack:
+            up_fd, dir_name, fd, scanned = stack.pop()
+            if scanned:
+                os.close(fd)
+                os.rmdir(dir_name, dir_fd=up_fd)
+                count += 1
+                continue
+            stack.append((up_fd, dir_name, fd, True))
+            with os.scandir(fd) as it:
+                for item in list(it):
+                    if item.is_dir(follow_symlinks=False):
+                        child = os.open(item.name, _DIR_FLAGS, dir_fd=fd)
+                        stack.append((fd, item.name, child, False))
+                    else:
+                        os.unlink(item.name, dir_fd=fd)
+                        count += 1
+    finally:
+        for _, _, fd, scanned in stack:
+            os.close(fd)
+    return count
 
 
 def _lock_holder(fd: int) -> int:

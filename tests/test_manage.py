@@ -1,0 +1,140 @@
+"""File management over the wire: mkdir, mv, rm, hash, ls -l/-r."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import RawConnection, cli, cli_json, random_file, xxh128_of
+
+
+def test_mkdir_with_and_without_parents(daemon, tmp_path):
+    cli("mkdir", "-s", daemon.address, "top")
+    assert (daemon.root / "top").is_dir()
+    r = cli("mkdir", "-s", daemon.address, "top", check=False)
+    assert r.returncode == 4 and "already exists" in r.stderr
+    r = cli("mkdir", "-s", daemon.address, "a/b/c", check=False)
+    assert r.returncode == 4 and not (daemon.root / "a").exists()
+    cli("mkdir", "-s", daemon.address, "-p", "a/b/c", "top")
+    assert (daemon.root / "a" / "b" / "c").is_dir()
+    (daemon.root / "file").write_bytes(b"x")
+    r = cli("mkdir", "-s", daemon.address, "-p", "file", check=False)
+    assert r.returncode == 4 and "not a directory" in r.stderr
+
+
+def test_mv_renames_files_and_directories_atomically(daemon, tmp_path):
+    src = random_file(daemon.root / "d" / "f.bin", 1000)
+    digest = xxh128_of(src)
+    cli("mv", "-s", daemon.address, "d/f.bin", "d/g.bin")
+    assert not src.exists() and xxh128_of(daemon.root / "d" / "g.bin") == digest
+    cli("mv", "-s", daemon.address, "d", "e")
+    assert (daemon.root / "e" / "g.bin").exists() and not (daemon.root / "d").exists()
+    (daemon.root / "other.bin").write_bytes(b"old")
+    cli("mv", "-s", daemon.address, "e/g.bin", "other.bin")  # replaces a file
+    assert xxh128_of(daemon.root / "other.bin") == digest
+    for args, status, text in [(["e", "e/inner"], 5, "into itself"),
+                               (["missing", "x"], 4, "no such"),
+                               (["other.bin", "e"], 4, "is a directory"),
+                               (["other.bin", "nodir/x"], 4, "no such")]:
+        r = cli("mv", "-s", daemon.address, *args, check=False)
+        assert r.returncode == status and text in r.stderr, (args, r.stderr)
+
+
+def test_rm_files_trees_and_never_the_root(daemon, tmp_path):
+    random_file(daemon.root / "t" / "a" / "1.bin", 10)
+    random_file(daemon.root / "t" / "b" / "2.bin", 10)
+    random_file(daemon.root / "single.bin", 10)
+    assert cli_json("rm", "-s", daemon.address, "single.bin") == {"path": "single.bin",
+                                                                    "removed": 1}
+    r = cli("rm", "-s", daemon.address, "t", check=False)
+    assert r.returncode == 4 and "-r" in r.stderr and (daemon.root / "t").exists()
+    assert cli_json("rm", "-s", daemon.address, "-r", "t")["removed"] == 5
+    assert not (daemon.root / "t").exists()
+    for root in ("/", ""):
+        r = cli("rm", "-s", daemon.address, "-r", root, check=False)
+        assert r.returncode == 5 and "root" in r.stderr
+    r = cli("rm", "-s", daemon.address, "missing", check=False)
+    assert r.returncode == 4
+    assert daemon.root.is_dir() and (daemon.root / ".filesrv").is_dir()
+
+
+def test_rm_of_a_symlink_removes_the_link_not_what_it_points_to(daemon, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.bin").write_bytes(b"keep")
+    (daemon.root / "out").symlink_to(outside)
+    (daemon.root / "real").mkdir()
+    (daemon.root / "real" / "x").write_bytes(b"x")
+    (daemon.root / "alias").symlink_to("real")
+    cli("rm", "-s", daemon.address, "-r", "out", "alias")
+    assert (outside / "keep.bin").read_bytes() == b"keep"
+    assert (daemon.root / "real" / "x").exists()
+    assert not (daemon.root / "out").is_symlink() and not (daemon.root / "alias").is_symlink()
+    (daemon.root / "out").symlink_to(outside)
+    r = cli("rm", "-s", daemon.address, "out/keep.bin", check=False)
+    assert r.returncode == 5 and (outside / "keep.bin").exists()
+
+
+def test_read_only_daemon_refuses_rm_mv_and_mkdir(daemon_factory, tmp_path):
+    root = tmp_path / "root"
+    random_file(root / "f.bin", 10)
+    daemon = daemon_factory("--read-only", root=root)
+    for args in (["rm", "f.bin"], ["mv", "f.bin", "g.bin"], ["mkdir", "d"]):
+        r = cli(args[0], "-s", daemon.address, *args[1:], check=False)
+        assert r.returncode == 5 and "read-only" in r.stderr, args
+    assert sorted(p.name for p in root.iterdir()) == [".filesrv", "f.bin"]
+
+
+@pytest.mark.parametrize("header", [
+    {"op": "rm", "path": "../x"}, {"op": "rm", "path": "x", "recursive": "yes"},
+    {"op": "mv", "src": "a", "dst": "../b"}, {"op": "mv", "src": "a"},
+    {"op": "mkdir", "path": "a/../../b"}, {"op": "stat", "path": 7},
+])
+def test_management_requests_are_validated(daemon, header):
+    conn = RawConnection(daemon.port)
+    try:
+        reply = conn.request(header)
+        assert reply["ok"] is False and reply["code"] in ("bad_path", "bad_request"), reply
+    finally:
+        conn.close()
+
+
+def test_hash_r_output_checks_with_xxh128sum(daemon, tmp_path):
+    tool = shutil.which("xxh128sum")
+    if tool is None:
+        pytest.skip("xxh128sum not installed (apt-get install xxhash); .ci/run installs it")
+    for rel, size in [("a.bin", 1000), ("sub/ünï cødé.bin", 5000), ("sub/deep/z.bin", 0),
+                      ("big.bin", 3 * 1024 * 1024)]:
+        random_file(daemon.root / "tree" / rel, size)
+    sums = cli("hash", "-s", daemon.address, "-r", "tree").stdout
+    assert len(sums.splitlines()) == 4
+    local = tmp_path / "copy"
+    shutil.copytree(daemon.root / "tree", local)
+    (tmp_path / "SUMS").write_text(sums)
+    check = subprocess.run([tool, "-c", str(tmp_path / "SUMS")], cwd=local,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    (local / "a.bin").write_bytes(b"tampered")
+    assert subprocess.run([tool, "-c", str(tmp_path / "SUMS")], cwd=local,
+                          capture_output=True).returncode != 0
+    one = cli("hash", "-s", daemon.address, "tree/a.bin").stdout.split()
+    assert one == [xxh128_of(daemon.root / "tree" / "a.bin"), "tree/a.bin"]
+    r = cli("hash", "-s", daemon.address, "tree", check=False)
+    assert r.returncode == 4 and "-r" in r.stderr
+
+
+def test_ls_long_and_recursive(daemon, tmp_path):
+    random_file(daemon.root / "x" / "y" / "z.bin", 2048)
+    random_file(daemon.root / "top.bin", 10)
+    assert cli("ls", "-s", daemon.address).stdout.split() == ["top.bin", "x/"]
+    long = cli("ls", "-s", daemon.address, "-l").stdout
+    assert "10 B" in long and "top.bin" in long
+    tree = cli_json("ls", "-s", daemon.address, "-r")
+    assert [(e["name"], e["type"]) for e in tree] == [
+        ("top.bin", "file"), ("x", "dir"), ("x/y", "dir"), ("x/y/z.bin", "file")]
+    assert [e["name"] for e in cli_json("ls", "-s", daemon.address, "-r", "x")] == \
+        ["y", "y/z.bin"]
