@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from conftest import RawConnection, cli, random_file, start_cli, wait_for, xxh128_of
 from filesrv.client import Client
 from filesrv.errors import BadPath
-from filesrv.protocol import Commit, Data, Get, Hello, ListDir, Put, encode_frame
+from filesrv.protocol import (Commit, Data, Get, Hello, ListDir, MakeDir, Move, Put, Remove,
+                              Stat, encode_frame)
 
 CORPUS = [
     Hello().header(),
@@ -29,6 +30,11 @@ CORPUS = [
     Put(path="up.bin", size=5, source="s").header(),
     Data(length=5).header(),
     Commit(xxh128="0" * 32).header(),
+    # management ops on names that do not exist, so a valid one changes nothing
+    Stat(path="file.bin").header(),
+    Remove(path="nope", recursive=True).header(),
+    Move(src="nope", dst="moved").header(),
+    MakeDir(path="nope/deeper").header(),
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)
