@@ -179,21 +179,37 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CA certificate(s) to verify the server with (default: the "
                              "system's store)")
 
-    put = sub.add_parser("put", parents=[client_opts], help="upload a file",
+    overwrite = argparse.ArgumentParser(add_help=False)
+    policy = overwrite.add_mutually_exclusive_group()
+    policy.add_argument("--no-clobber", dest="overwrite", action="store_const",
+                        const="no-clobber", help="leave an existing destination alone")
+    policy.add_argument("--update", dest="overwrite", action="store_const", const="update",
+                        help="transfer only when the destination's XXH3-128 differs")
+    overwrite.set_defaults(overwrite="replace")
+
+    put = sub.add_parser("put", parents=[client_opts, overwrite], help="upload files",
+                         usage="filesrv put [options] LOCAL [REMOTE]\n"
+                               "       filesrv put [options] LOCAL... REMOTE_DIR",
                          description="Upload LOCAL to REMOTE (default: LOCAL's base name; a "
-                         "REMOTE ending in '/' is a directory). Missing remote directories are "
-                         "created. Re-running an interrupted put resumes it.")
-    put.add_argument("local", metavar="LOCAL")
-    put.add_argument("remote", metavar="REMOTE", nargs="?")
+                         "REMOTE ending in '/' is a directory), or several files into "
+                         "REMOTE_DIR, over one connection. Missing remote directories are "
+                         "created; an existing file is replaced atomically unless "
+                         "--no-clobber or --update says otherwise. Re-running an interrupted "
+                         "put resumes it.")
+    put.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
     put.set_defaults(run=run_put)
 
-    get = sub.add_parser("get", parents=[client_opts], help="download a file",
+    get = sub.add_parser("get", parents=[client_opts, overwrite], help="download files",
+                         usage="filesrv get [options] REMOTE [LOCAL]\n"
+                               "       filesrv get [options] REMOTE... LOCAL_DIR",
                          description="Download REMOTE to LOCAL (default: REMOTE's base name "
-                         "here; an existing directory receives the file inside it). The file "
-                         "appears at LOCAL only once verified; re-running an interrupted get "
-                         "resumes from the partial '.NAME.filesrv-part' beside it.")
-    get.add_argument("remote", metavar="REMOTE")
-    get.add_argument("local", metavar="LOCAL", nargs="?")
+                         "here; an existing directory receives the file inside it), or several "
+                         "files into the existing directory LOCAL_DIR, over one connection. A "
+                         "file appears at its name only once verified; an existing one is "
+                         "replaced atomically unless --no-clobber or --update says otherwise. "
+                         "Re-running an interrupted get resumes from the partial "
+                         "'.NAME.filesrv-part' beside it.")
+    get.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
     get.set_defaults(run=run_get)
 
     ls = sub.add_parser("ls", parents=[client_opts], help="list a remote directory",
@@ -273,29 +289,46 @@ def _client(args: argparse.Namespace) -> Any:
                   durable=args.fsync, retries=args.retries)
 
 
+def _sources_and_target(paths: list[str]) -> tuple[list[str], str | None, bool]:
+    """(sources, target, target is a directory) from the positional paths, as cp reads them."""
+    if len(paths) == 1:
+        return paths, None, False
+    return paths[:-1], paths[-1], len(paths) > 2
+
+
 def run_put(args: argparse.Namespace) -> int:
-    name = os.path.basename(args.local.rstrip("/"))
-    remote = args.remote if args.remote is not None else name
-    if remote == "" or remote.endswith("/"):
-        remote += name
-    if os.path.isdir(args.local):
-        raise LocalError(f"{args.local} is a directory")
-    with _client(args) as client, ProgressBar(f"put {remote}", args) as bar:
-        result = client.put(args.local, remote, progress=bar)
-    _report("uploaded", result, args)
+    locals_, target, into_dir = _sources_and_target(args.paths)
+    if into_dir and target is not None and not target.endswith("/"):
+        target += "/"
+    with _client(args) as client:
+        for local in locals_:
+            name = os.path.basename(local.rstrip("/"))
+            remote = target if target is not None else name
+            if remote == "" or remote.endswith("/"):
+                remote += name
+            if os.path.isdir(local):
+                raise LocalError(f"{local} is a directory")
+            with ProgressBar(f"put {remote}", args) as bar:
+                result = client.put(local, remote, progress=bar, overwrite=args.overwrite)
+            _report("uploaded", result, args)
     return 0
 
 
 def run_get(args: argparse.Namespace) -> int:
-    name = args.remote.rstrip("/").rsplit("/", 1)[-1]
-    local = args.local if args.local is not None else name
-    if os.path.isdir(local):
-        local = os.path.join(local, name)
-    elif local.endswith(os.sep):
-        raise LocalError(f"no such directory: {local}")
-    with _client(args) as client, ProgressBar(f"get {args.remote}", args) as bar:
-        result = client.get(args.remote, local, progress=bar)
-    _report("downloaded", result, args)
+    remotes, target, into_dir = _sources_and_target(args.paths)
+    if into_dir and not os.path.isdir(target or ""):
+        raise LocalError(f"{target} is not an existing directory")
+    with _client(args) as client:
+        for remote in remotes:
+            name = remote.rstrip("/").rsplit("/", 1)[-1]
+            local = target if target is not None else name
+            if os.path.isdir(local):
+                local = os.path.join(local, name)
+            elif local.endswith(os.sep):
+                raise LocalError(f"no such directory: {local}")
+            with ProgressBar(f"get {remote}", args) as bar:
+                result = client.get(remote, local, progress=bar, overwrite=args.overwrite)
+            _report("downloaded", result, args)
     return 0
 
 
@@ -368,6 +401,10 @@ def _say(args: argparse.Namespace, record: dict[str, Any], human: str) -> None:
 def _report(verb: str, result: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
+        return
+    if result.skipped:
+        print(f"skipped {result.path}: the destination exists"
+              f"{' with the same XXH3-128' if args.overwrite == 'update' else ''}", flush=True)
         return
     moved = result.size - result.resumed_from
     rate = moved / result.seconds if result.seconds > 0 else 0.0

@@ -20,7 +20,7 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
-                     FilesrvError, IntegrityError, IsADirectory, LocalError)
+                     FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound)
 from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, ListDir,
                        MakeDir, Move, Put, Remove, Stat, StatReply, auth_proof, check_reply,
                        decode_listing, normalize_path, parse_commit_reply, parse_get_reply,
@@ -44,6 +44,24 @@ RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 
 _T = TypeVar("_T")
 
+# overwrite policies for get and put
+REPLACE = "replace"        # the default: the new copy replaces the old one, atomically
+NO_CLOBBER = "no-clobber"  # an existing destination is left alone
+UPDATE = "update"          # transfer only when the destination's digest differs
+
+
+def _file_digest(path: str) -> str:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        hasher = xxhash.xxh3_128()
+        hash_fd_range(fd, 0, os.fstat(fd).st_size, hasher, bytearray(1024 * 1024))
+        return hasher.hexdigest()
+    finally:
+        os.close(fd)
+
 # progress(done, total): bytes of the file present so far (resumed bytes included)
 Progress = Callable[[int, int], None]
 
@@ -56,9 +74,13 @@ class TransferResult(NamedTuple):
     resumed_from: int
     xxh128: str
     seconds: float
+    skipped: bool = False  # the overwrite policy left the destination as it was
 
     def as_dict(self) -> dict[str, Any]:
-        return self._asdict()
+        record = self._asdict()
+        if not self.skipped:
+            del record["skipped"]  # the record users and scripts know, unchanged
+        return record
 
 
 def parse_server(address: str) -> tuple[str, int]:
@@ -339,6 +361,12 @@ class Client:
         self._send(Stat(path=path).frame())
         return parse_stat_reply(self._read())
 
+    def _remote_file(self, path: str) -> StatReply | None:
+        try:
+            return self.stat(path)
+        except NotFound:
+            return None
+
     def hash(self, path: str) -> str:
         """The server's XXH3-128 digest of a file, as xxh128sum prints it."""
         info = self.stat(path)
@@ -366,14 +394,21 @@ class Client:
 
     # ------------------------------------------------------------ get
 
-    def get(self, remote: str, local: str, *, progress: Progress | None = None
-            ) -> TransferResult:
+    def get(self, remote: str, local: str, *, progress: Progress | None = None,
+            overwrite: str = REPLACE) -> TransferResult:
         """Download `remote` to the file `local`, resuming a partial left beside it.
 
         The partial is renamed to `local` only after the whole-file digest matched.
+        overwrite: REPLACE (default), NO_CLOBBER (keep an existing `local`), UPDATE
+        (skip when `local` already has the remote digest).
         """
         parse_path(remote)
         started = time.monotonic()
+        if overwrite != REPLACE and os.path.isfile(local):
+            local_digest = _file_digest(local)
+            if overwrite == NO_CLOBBER or local_digest == self.hash(remote):
+                return TransferResult(normalize_path(remote), os.path.getsize(local), 0,
+                                      local_digest, time.monotonic() - started, True)
         partial = LocalPartial(local, durable=self.durable)
         try:
             result = self._retrying(lambda: self._get_into(remote, partial, progress))
@@ -440,9 +475,12 @@ class Client:
 
     # ------------------------------------------------------------ put
 
-    def put(self, local: str, remote: str, *, progress: Progress | None = None
-            ) -> TransferResult:
-        """Upload the file `local` to `remote`, resuming the server's partial if any."""
+    def put(self, local: str, remote: str, *, progress: Progress | None = None,
+            overwrite: str = REPLACE) -> TransferResult:
+        """Upload the file `local` to `remote`, resuming the server's partial if any.
+
+        overwrite: as for get, about the remote file.
+        """
         parse_path(remote)
         started = time.monotonic()
         try:
@@ -453,6 +491,13 @@ class Client:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise LocalError(f"{local} is not a regular file")
+            if overwrite != REPLACE:
+                existing = self._remote_file(remote)
+                if existing is not None and (overwrite == NO_CLOBBER or existing.xxh128 ==
+                                             _file_digest(local)):
+                    return TransferResult(normalize_path(remote), existing.size, 0,
+                                          existing.xxh128 or "", time.monotonic() - started,
+                                          True)
             outcome = self._retrying(lambda: self._put_once(fd, st, remote, progress))
             if outcome is None:
                 # a resumed upload did not verify and the server dropped its partial

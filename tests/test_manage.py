@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -138,3 +139,48 @@ def test_ls_long_and_recursive(daemon, tmp_path):
         ("top.bin", "file"), ("x", "dir"), ("x/y", "dir"), ("x/y/z.bin", "file")]
     assert [e["name"] for e in cli_json("ls", "-s", daemon.address, "-r", "x")] == \
         ["y", "y/z.bin"]
+
+
+# ------------------------------------------------------------------ several files, policies
+
+def test_several_sources_like_cp(daemon, tmp_path):
+    a = random_file(tmp_path / "a.bin", 100)
+    b = random_file(tmp_path / "b.bin", 200)
+    out = cli("put", "-s", daemon.address, "--json", str(a), str(b), "docs").stdout
+    assert [json.loads(line)["path"] for line in out.splitlines()] == ["docs/a.bin",
+                                                                         "docs/b.bin"]
+    here = tmp_path / "here"
+    here.mkdir()
+    cli("get", "-s", daemon.address, "docs/a.bin", "docs/b.bin", str(here))
+    assert xxh128_of(here / "a.bin") == xxh128_of(a) and xxh128_of(here / "b.bin") == \
+        xxh128_of(b)
+    r = cli("get", "-s", daemon.address, "docs/a.bin", "docs/b.bin", str(tmp_path / "nope"),
+            check=False)
+    assert r.returncode == 9 and "not an existing directory" in r.stderr
+    gets = [line for line in daemon.log_text().splitlines() if " get 'docs/" in line]
+    assert len({line.split()[1] for line in gets}) == 1  # one connection for both
+
+
+def test_no_clobber_and_update_policies(daemon, tmp_path):
+    v1 = random_file(tmp_path / "v1.bin", 3000)
+    v2 = random_file(tmp_path / "v2.bin", 3000)
+    cli("put", "-s", daemon.address, str(v1), "f.bin")
+    kept = cli_json("put", "-s", daemon.address, "--no-clobber", str(v2), "f.bin")
+    assert kept["skipped"] is True and xxh128_of(daemon.root / "f.bin") == xxh128_of(v1)
+    same = cli_json("put", "-s", daemon.address, "--update", str(v1), "f.bin")
+    assert same["skipped"] is True
+    changed = cli_json("put", "-s", daemon.address, "--update", str(v2), "f.bin")
+    assert "skipped" not in changed and xxh128_of(daemon.root / "f.bin") == xxh128_of(v2)
+
+    local = tmp_path / "local.bin"
+    local.write_bytes(v1.read_bytes())
+    kept = cli_json("get", "-s", daemon.address, "--no-clobber", "f.bin", str(local))
+    assert kept["skipped"] is True and xxh128_of(local) == xxh128_of(v1)
+    got = cli_json("get", "-s", daemon.address, "--update", "f.bin", str(local))
+    assert "skipped" not in got and xxh128_of(local) == xxh128_of(v2)
+    again = cli_json("get", "-s", daemon.address, "--update", "f.bin", str(local))
+    assert again["skipped"] is True
+    human = cli("get", "-s", daemon.address, "--update", "f.bin", str(local)).stdout
+    assert "skipped f.bin" in human
+    r = cli("get", "-s", daemon.address, "--update", "--no-clobber", "f.bin", check=False)
+    assert r.returncode == 2
