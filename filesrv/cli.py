@@ -13,7 +13,7 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import FilesrvError, IsADirectory, LocalError
+from .errors import ConfigError, FilesrvError, IsADirectory, LocalError
 
 DEFAULT_SERVER_PORT = 8750
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -31,6 +31,10 @@ examples:
 
 An interrupted put or get resumes when you run the same command again. Every
 transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
+
+Every option can also come from a FILESRV_* variable (--buffer-size: FILESRV_BUFFER_SIZE;
+flags take 1/0, true/false), and serve's from a TOML file (--config); the command line
+wins, then the environment, then the file.
 
 exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
 4 not found or wrong type, 5 refused request, path, size or read-only, 6
@@ -106,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the daemon in the foreground",
                            description="Serve a directory until SIGTERM or SIGINT. Prints "
                            "'listening on HOST:PORT' once the socket is bound.")
+    serve.add_argument("--config", metavar="FILE",
+                       help="read options from this TOML file (keys as the long options: "
+                       "root = \"/srv\", max-children = 32, read-only = true); the command "
+                       "line wins over FILESRV_* variables, which win over the file")
     serve.add_argument("--root", default="./storage",
                        help="directory to serve, created if missing (default: ./storage)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -145,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(run=run_serve)
 
     client_opts = argparse.ArgumentParser(add_help=False)
-    client_opts.add_argument("-s", "--server", default=os.environ.get("FILESRV_SERVER"),
+    client_opts.add_argument("-s", "--server", default=None,
                              metavar="HOST:PORT",
                              help="daemon address (default: $FILESRV_SERVER; port "
                              f"{DEFAULT_SERVER_PORT} if omitted)")
@@ -251,7 +259,79 @@ def build_parser() -> argparse.ArgumentParser:
     hashes.add_argument("-r", "--recursive", action="store_true",
                         help="every file under a directory, named relative to it")
     hashes.set_defaults(run=run_hash)
+    parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
+
+
+# ---------------------------------------------------------------- configuration
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def apply_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
+    """Defaults from FILESRV_* variables and, for serve, a TOML file: below the command line.
+
+    Each long option --some-name has the variable FILESRV_SOME_NAME and the file key
+    some-name (or some_name). Values go through the option's own parsing and checks.
+    """
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    config_path = known.config or os.environ.get("FILESRV_CONFIG")
+    for name, command in parser.commands.items():  # type: ignore[attr-defined]
+        config = load_config(config_path) if name == "serve" and config_path else {}
+        _apply(command, config, config_path)
+
+
+def _apply(command: argparse.ArgumentParser, config: dict[str, Any], path: str | None) -> None:
+    known_keys = set()
+    for action in command._actions:  # argparse has no public list of a parser's options
+        long = next((o for o in action.option_strings if o.startswith("--")), None)
+        if long is None or action.dest in ("help", "config"):
+            continue
+        key = long[2:]
+        known_keys |= {key, key.replace("-", "_")}
+        value = os.environ.get("FILESRV_" + key.upper().replace("-", "_"))
+        if value is None:
+            value = config.get(key, config.get(key.replace("-", "_")))
+        if value is None:
+            continue
+        if action.nargs == 0:  # a flag: --read-only, --json, --no-clobber...
+            if _flag_value(long, value):
+                command.set_defaults(**{action.dest: action.const})
+        else:  # a string default goes through the option's type, as if typed
+            command.set_defaults(**{action.dest: str(value)})
+    unknown = sorted(set(config) - known_keys)
+    if unknown:
+        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}")
+
+
+def _flag_value(option: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ConfigError(f"{option}: expected true or false, got {value!r}")
+
+
+def load_config(path: str) -> dict[str, Any]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[no-redef]
+        except ImportError:
+            raise ConfigError("--config needs Python 3.11 (tomllib) or the tomli package"
+                              ) from None
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -446,6 +526,11 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        apply_defaults(parser, argv)
+    except ConfigError as exc:
+        print(f"filesrv: {exc.message}", file=sys.stderr)
+        return exc.exit_status
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))

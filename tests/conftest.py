@@ -38,11 +38,17 @@ class Daemon:
         self.port = 0
 
     def start(self) -> "Daemon":
+        return self._start(["--root", str(self.root), "--host", "127.0.0.1", "--port", "0"])
+
+    def start_raw(self) -> "Daemon":
+        """Only the extra arguments: where the root and port come from is under test."""
+        return self._start(["--host", "127.0.0.1", "--port", "0"])
+
+    def _start(self, base: list[str]) -> "Daemon":
         self.log = open(self.log_path, "ab")
         # its own session, so a crash test can SIGKILL the daemon and its children at once
         self.proc = subprocess.Popen(
-            [*CLI, "serve", "--root", str(self.root), "--host", "127.0.0.1", "--port", "0",
-             *self.extra],
+            [*CLI, "serve", *base, *self.extra],
             stdout=subprocess.PIPE, stderr=self.log, env=ENV, start_new_session=True)
         line = _read_line(self.proc, START_TIMEOUT)
         assert "listening on 127.0.0.1:" in line, f"daemon did not start: {line!r}"
