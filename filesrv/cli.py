@@ -205,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "--no-clobber or --update says otherwise. Re-running an interrupted "
                          "put resumes it.")
     put.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
+    put.add_argument("-r", "--recursive", action="store_true",
+                     help="upload the directory LOCAL as REMOTE (default: its name), over one "
+                     "connection; empty directories are kept, files already there with the "
+                     "same size and XXH3-128 are skipped (so a re-run moves only the rest), "
+                     "symlinks are skipped, never followed")
     put.set_defaults(run=run_put)
 
     get = sub.add_parser("get", parents=[client_opts, overwrite], help="download files",
@@ -218,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "Re-running an interrupted get resumes from the partial "
                          "'.NAME.filesrv-part' beside it.")
     get.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
+    get.add_argument("-r", "--recursive", action="store_true",
+                     help="download the directory REMOTE as the directory LOCAL (default: its "
+                     "name here; a LOCAL ending in / receives it inside), over one connection; "
+                     "local files with the same size and XXH3-128 are skipped, so a re-run "
+                     "moves only the rest")
     get.set_defaults(run=run_get)
 
     ls = sub.add_parser("ls", parents=[client_opts], help="list a remote directory",
@@ -369,6 +379,57 @@ def _client(args: argparse.Namespace) -> Any:
                   durable=args.fsync, retries=args.retries)
 
 
+def _one_tree(args: argparse.Namespace) -> tuple[str, str | None]:
+    if len(args.paths) > 2:
+        raise UsageError("with -r, give one directory and at most one destination")
+    return args.paths[0], (args.paths[1] if len(args.paths) == 2 else None)
+
+
+def run_put_tree(args: argparse.Namespace) -> int:
+    from .client import plan_local_tree
+    local_dir, remote = _one_tree(args)
+    name = os.path.basename(os.path.normpath(local_dir))
+    remote = name if remote is None else remote + name if remote.endswith("/") else remote
+    plan = plan_local_tree(local_dir)
+    for link in plan.skipped_links:
+        print(f"filesrv: skipped symlink {link} (symlinks are not followed)", file=sys.stderr)
+    total = sum(size for _, size in plan.files)
+    with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
+                                               args) as bar:
+        results = client.put_tree(local_dir, remote, progress=bar.file_progress,
+                                  overwrite=args.overwrite, on_file=bar.file_done)
+    _report_tree("uploaded", remote, results, args)
+    return 0
+
+
+def run_get_tree(args: argparse.Namespace) -> int:
+    remote, local = _one_tree(args)
+    name = remote.rstrip("/").rsplit("/", 1)[-1] or "root"
+    # LOCAL is the tree's own directory whether or not it exists yet, so that re-running
+    # the same command after an interruption lands in the same place
+    local = name if local is None else local + name if local.endswith(os.sep) else local
+    with _client(args) as client:
+        files = [e for e in client.ls(remote, recursive=True) if e.type == "file"]
+        with TreeProgress(f"get {remote}", sum(e.size for e in files), len(files),
+                          args) as bar:
+            results = client.get_tree(remote, local, progress=bar.file_progress,
+                                      overwrite=args.overwrite, on_file=bar.file_done)
+    _report_tree("downloaded", remote, results, args)
+    return 0
+
+
+def _report_tree(verb: str, where: str, results: list[Any], args: argparse.Namespace) -> None:
+    if args.json:
+        for result in results:
+            print(json.dumps(result.as_dict(), ensure_ascii=False))
+        return
+    skipped = sum(1 for r in results if r.skipped)
+    moved = sum(r.size - r.resumed_from for r in results if not r.skipped)
+    seconds = sum(r.seconds for r in results)
+    print(f"{verb} {where}: {len(results) - skipped} files ({format_size(moved)}) in "
+          f"{seconds:.2f} s, {skipped} already there and skipped", flush=True)
+
+
 def _sources_and_target(paths: list[str]) -> tuple[list[str], str | None, bool]:
     """(sources, target, target is a directory) from the positional paths, as cp reads them."""
     if len(paths) == 1:
@@ -377,6 +438,8 @@ def _sources_and_target(paths: list[str]) -> tuple[list[str], str | None, bool]:
 
 
 def run_put(args: argparse.Namespace) -> int:
+    if args.recursive:
+        return run_put_tree(args)
     locals_, target, into_dir = _sources_and_target(args.paths)
     if into_dir and target is not None and not target.endswith("/"):
         target += "/"
@@ -395,6 +458,8 @@ def run_put(args: argparse.Namespace) -> int:
 
 
 def run_get(args: argparse.Namespace) -> int:
+    if args.recursive:
+        return run_get_tree(args)
     remotes, target, into_dir = _sources_and_target(args.paths)
     if into_dir and not os.path.isdir(target or ""):
         raise LocalError(f"{target} is not an existing directory")
@@ -512,6 +577,42 @@ class ProgressBar:
                             dynamic_ncols=True, leave=False)
         else:
             self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TreeProgress:
+    """One tqdm bar for a whole tree: bytes (with rate and ETA) and files done."""
+
+    def __init__(self, label: str, total: int, files: int, args: argparse.Namespace) -> None:
+        self.label, self.total, self.files = label, total, files
+        self.enabled = not args.no_progress and sys.stderr.isatty()
+        self.bar: Any = None
+        self.done_files = 0
+        self.file_bytes = 0
+
+    def __enter__(self) -> "TreeProgress":
+        if self.enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.label, unit="B", unit_scale=True,
+                            unit_divisor=1024, file=sys.stderr, dynamic_ncols=True,
+                            leave=False, postfix=f"0/{self.files} files")
+        return self
+
+    def file_progress(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done - self.file_bytes)
+        self.file_bytes = done
+
+    def file_done(self, result: Any) -> None:
+        self.done_files += 1
+        if self.bar is not None:
+            if result.skipped:
+                self.bar.update(result.size)
+            self.bar.set_postfix_str(f"{self.done_files}/{self.files} files")
+        self.file_bytes = 0
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -572,6 +572,111 @@ class Client:
             raise LocalError("local file shrank while it was being sent")
 
 
+    # ------------------------------------------------------------ trees
+
+    def put_tree(self, local_dir: str, remote_dir: str, *, progress: Progress | None = None,
+                 overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
+                 = None) -> list[TransferResult]:
+        """Upload a directory tree over this connection; empty directories are kept.
+
+        Files already present with the same size and XXH3-128 are skipped, so a re-run
+        after an interruption moves only the rest (and resumes the file that was cut).
+        Symlinks are never followed: they are skipped (see TreePlan.skipped_links).
+        """
+        plan = plan_local_tree(local_dir)
+        base = remote_dir.rstrip("/")
+        remote = {e.name: e for e in self._tree_or_empty(base)}
+        if base and not remote:
+            self.mkdir(base, parents=True)  # even an empty tree arrives
+        for rel in plan.dirs:
+            if rel not in remote:
+                self.mkdir(_join(base, rel), parents=True)
+        results = []
+        for rel, size in plan.files:
+            local = os.path.join(local_dir, rel)
+            there = remote.get(rel)
+            policy = overwrite
+            if there is not None and there.type == "file" and there.size == size:
+                policy = UPDATE if overwrite == REPLACE else overwrite
+            result = self.put(local, _join(base, rel), progress=progress, overwrite=policy)
+            results.append(result)
+            if on_file:
+                on_file(result)
+        return results
+
+    def get_tree(self, remote_dir: str, local_dir: str, *, progress: Progress | None = None,
+                 overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
+                 = None) -> list[TransferResult]:
+        """Download a directory tree over this connection; empty directories are kept.
+
+        Local files with the same size and XXH3-128 as the remote ones are skipped.
+        """
+        base = remote_dir.rstrip("/")
+        entries = self.ls(base, recursive=True)
+        for entry in entries:  # a hostile server must not steer writes out of local_dir
+            try:
+                parse_path(entry.name)
+            except FilesrvError:
+                raise BadRequest(f"server listed an unsafe name {entry.name!r}") from None
+        os.makedirs(local_dir, exist_ok=True)
+        results = []
+        for entry in entries:
+            local = os.path.join(local_dir, *entry.name.split("/"))
+            if entry.type == "dir":
+                os.makedirs(local, exist_ok=True)
+                continue
+            policy = overwrite
+            if os.path.isfile(local) and os.path.getsize(local) == entry.size:
+                policy = UPDATE if overwrite == REPLACE else overwrite
+            result = self.get(_join(base, entry.name), local, progress=progress,
+                              overwrite=policy)
+            results.append(result)
+            if on_file:
+                on_file(result)
+        return results
+
+    def _tree_or_empty(self, remote_dir: str) -> list[Entry]:
+        try:
+            return self.ls(remote_dir, recursive=True)
+        except NotFound:
+            return []
+
+
+class TreePlan(NamedTuple):
+    """A local tree to upload: relative directories, (relative file, size), skipped links."""
+
+    dirs: list[str]
+    files: list[tuple[str, int]]
+    skipped_links: list[str]
+
+
+def plan_local_tree(local_dir: str) -> TreePlan:
+    """Walk a local tree without following symlinks; paths relative, '/'-separated."""
+    if not os.path.isdir(local_dir):
+        raise LocalError(f"{local_dir} is not a directory")
+    dirs, files, links = [], [], []
+    for top, subdirs, names in os.walk(local_dir, followlinks=False):
+        rel_top = os.path.relpath(top, local_dir)
+        prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
+        for d in sorted(subdirs):
+            if os.path.islink(os.path.join(top, d)):
+                links.append(prefix + d)
+            else:
+                dirs.append(prefix + d)
+        for name in sorted(names):
+            path = os.path.join(top, name)
+            st = os.lstat(path)
+            if stat.S_ISREG(st.st_mode):
+                files.append((prefix + name, st.st_size))
+            elif stat.S_ISLNK(st.st_mode):
+                links.append(prefix + name)
+    return TreePlan(dirs, files, links)
+
+
+def _join(base: str, rel: str) -> str:
+    return f"{base}/{rel}" if base else rel
+
+
 class LocalPartial:
     """The client's partial download beside its destination, locked while in use.
 
