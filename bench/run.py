@@ -19,7 +19,6 @@ import shutil
 import signal
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -510,7 +509,7 @@ def render(rows, down, up, small, start, conc, res, over, mem, reps) -> str:
                 "4 KiB gets, new connection each": small[2].rate,
                 "16 x get 256 MiB at once": down[0].rate}
     for r in rows:
-        med = lambda f: statistics.median(f(s) for s in r.samples)  # noqa: E731
+        med = lambda f, r=r: statistics.median(f(s) for s in r.samples)  # noqa: E731
         cpu = med(lambda s: s.cpu) / (r.amount / GiB) if r.unit == "MB/s" and r.amount else None
         rate = f"{r.rate:,.0f} {r.unit}" if r.unit != "s" else "-"
         ceil = ceilings.get(r.scenario)

@@ -15,7 +15,7 @@ import os
 import socket
 import stat
 import time
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
 
 import xxhash
 
@@ -41,6 +41,9 @@ RETRY_BACKOFF_MAX = 8.0   # ...up to this: 0.5 + 1 + 2 + 4 + 8 = 15.5 s with the
 PARTIAL_SUFFIX = ".filesrv-part"
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
+
+if TYPE_CHECKING:
+    import ssl
 
 _T = TypeVar("_T")
 

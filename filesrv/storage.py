@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from .errors import (AlreadyExists, BadPath, BadRange, Busy, FilesrvError, IntegrityError, IoError,
+from .errors import (AlreadyExists, BadPath, Busy, FilesrvError, IntegrityError, IoError,
                      IsADirectory, NoSpace, NotADirectory, NotFound)
 from .durability import Writeback
 from .hashing import hash_fd_range
@@ -534,7 +534,7 @@ def _remove_tree(parent_fd: int, name: str) -> int:
                         os.unlink(item.name, dir_fd=fd)
                         count += 1
     finally:
-        for _, _, fd, scanned in stack:
+        for _, _, fd, _ in stack:
             os.close(fd)
     return count
 

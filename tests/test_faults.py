@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from conftest import cli, cli_json, random_file, start_cli, wait_for, xxh128_of
 

@@ -7,14 +7,13 @@ import os
 import socket
 import struct
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import RawConnection, cli, random_file, start_cli, wait_for, xxh128_of
+from conftest import RawConnection, random_file, start_cli, wait_for, xxh128_of
 from filesrv.client import Client
 from filesrv.errors import BadPath
 from filesrv.protocol import (Commit, Data, Get, Hello, ListDir, MakeDir, Move, Put, Remove,
@@ -244,7 +243,7 @@ def test_symlink_flipping_between_inside_and_outside_never_leaks(daemon, tmp_pat
     seen = {"inside": 0, "refused": 0}
     try:
         with Client("127.0.0.1", daemon.port) as client:
-            for i in range(300):
+            for _ in range(300):
                 try:
                     client.get("flip/f.bin", str(tmp_path / "out.bin"))
                 except BadPath:

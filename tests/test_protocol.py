@@ -28,7 +28,7 @@ headers = st.dictionaries(st.text(max_size=20), json_values, max_size=8)
 def frames_from(stream: bytes, cuts: list[int]) -> list[dict]:
     buf = FrameBuffer()
     out = []
-    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     for piece in pieces:
         buf.feed(piece)
         while (header := buf.next_header()) is not None:

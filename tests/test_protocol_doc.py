@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import struct
-from pathlib import Path
 
 from conftest import REPO, RawConnection
 

@@ -7,7 +7,6 @@ import signal
 import time
 from pathlib import Path
 
-import pytest
 
 from conftest import RawConnection, cli, cli_json, random_file, start_cli, wait_for, xxh128_of
 from filesrv.client import source_tag

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import (CLI, ENV, RawConnection, cli, cli_json, random_file, start_cli,
                       wait_for, xxh128_of)
-from filesrv.protocol import Auth, Hello, encode_frame
+from filesrv.protocol import Hello
 
 TOKEN = "correct-horse-battery-staple-7f3a9c"
 
@@ -451,7 +451,7 @@ def test_sigkill_at_any_moment_of_a_put_never_tears_the_final_name(daemon_factor
     digests = {xxh128_of(old), xxh128_of(new)}
     daemon = daemon_factory()
     cli("put", "-s", daemon.address, str(old), "target.bin")
-    for round_ in range(6):
+    for _ in range(6):
         put = start_cli("put", "-s", daemon.address, "--limit-rate", "8M", "--retries", "0",
                         str(new),
                         "target.bin")

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (CLI, ENV, RawConnection, cli, cli_json, random_file, start_cli, wait_for,
+from conftest import (RawConnection, cli, cli_json, random_file, start_cli, wait_for,
                       xxh128_of)
-from filesrv.protocol import Commit, Data, Get, Put, encode_frame
+from filesrv.protocol import Commit, Data, Get, Put
 
 
 def serves_normally(daemon, tmp_path: Path) -> bool:
