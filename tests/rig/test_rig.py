@@ -91,6 +91,11 @@ class Rig:
         out = self.sh(service, f"stat -c %s {pattern} 2>/dev/null || true").stdout.split()
         return max((int(x) for x in out), default=0)
 
+    def kill_and_restart(self, service: str) -> None:
+        """SIGKILL a service's container and start it again (its volume survives)."""
+        self.compose("kill", "-s", "SIGKILL", service)
+        self.compose("up", "-d", service)
+
     def xxh128sum(self, service: str, path: str) -> str:
         return self.sh(service, f"xxh128sum '{path}'").stdout.split()[0]
 
@@ -140,8 +145,7 @@ def test_server_sigkilled_mid_transfer_and_restarted_put_and_get_resume(rig: Rig
                             "/tmp/big.bin big.bin")
     rig.wait_for(lambda: rig.size_of("server", "/srv/storage/.filesrv/partials/*.part")
                  >= 32 * MiB, "the upload to be under way")
-    rig.compose("kill", "-s", "SIGKILL", "server")
-    rig.compose("up", "-d", "server")
+    rig.kill_and_restart("server")
     result = finished(put)
     assert result["resumed_from"] > 0 and result["xxh128"] == digest
     rig.wait_healthy("server")
@@ -151,8 +155,7 @@ def test_server_sigkilled_mid_transfer_and_restarted_put_and_get_resume(rig: Rig
                             "big.bin /tmp/big-back.bin")
     rig.wait_for(lambda: rig.size_of("client", "/tmp/.big-back.bin.filesrv-part")
                  >= 32 * MiB, "the download to be under way")
-    rig.compose("kill", "-s", "SIGKILL", "server")
-    rig.compose("up", "-d", "server")
+    rig.kill_and_restart("server")
     result = finished(get)
     assert result["resumed_from"] > 0 and result["xxh128"] == digest
     assert rig.xxh128sum("client", "/tmp/big-back.bin") == digest
