@@ -2,6 +2,7 @@
 
     python3 bench/run.py            # full run (needs ~12 GiB free disk; 8 GiB memory check)
     python3 bench/run.py --quick    # fewer repetitions, no 8 GiB file
+    python3 bench/run.py --trees-only   # 2,000 small files: put -r/get -r vs scp -r, rsync
 
 Contenders of one scenario run alternately, in a rotating order, and the table
 shows medians.  Every row is a whole client process timed from start to exit
@@ -232,6 +233,8 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 7, quick 2)")
     ap.add_argument("--dir", default=None, help="scratch directory (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="also write the report (markdown) here")
+    ap.add_argument("--trees-only", action="store_true",
+                    help="only the 2,000-small-files tree scenario (scp -r, rsync, filesrv -r)")
     args = ap.parse_args()
     reps = args.reps or (2 if args.quick else 7)
     # as after `pip install`: bytecode compiled once, not at every start
@@ -239,7 +242,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="filesrv-bench-", dir=args.dir))
     servers = Servers(work)
     try:
-        report = bench(work, servers, reps, args.quick)
+        report = (bench_trees(work, servers, reps) if args.trees_only
+                  else bench(work, servers, reps, args.quick) + bench_trees(work, servers, reps))
     finally:
         servers.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -456,6 +460,100 @@ def bench(work: Path, servers: Servers, reps: int, quick: bool) -> str:
         rows += mem
 
     return render(rows, down, up, small, start, conc[0], res, over, mem, reps)
+
+
+def bench_trees(work: Path, servers: Servers, reps: int) -> str:
+    """2,000 files of 4 KiB in nested directories: put -r and get -r against scp -r and rsync."""
+    log = lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    log("trees: 2,000 x 4 KiB, nested")
+    base = work / "trees"
+    src, srv = base / "src", base / "srv"
+    for i in range(2000):
+        d = src / f"d{i % 20}" / f"e{i % 7}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.bin").write_bytes(os.urandom(4096))
+    srv.mkdir()
+    _, port = servers.start([*FILESRV, "serve", "--root", str(srv), "--port", "0"],
+                            lambda p: int(p.stdout.readline().split(b"listening on 127.0.0.1:")[1]
+                                          .split()[0]),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    addr = f"127.0.0.1:{port}"
+    run([*FILESRV, "put", "-r", "-s", addr, str(src), "seed"])  # what the gets fetch
+    ups = [("filesrv put -r", lambda: run([*FILESRV, "put", "-r", "-s", addr, "--no-progress",
+                                          str(src), "up"]))]
+    downs = [("filesrv get -r", lambda: run([*FILESRV, "get", "-r", "-s", addr,
+                                            "--no-progress", "seed", str(base / "dl")]))]
+    peers_note = []
+    scp = start_sshd(base, servers)
+    if scp:
+        shutil.copytree(src, base / "ssh-seed")
+        ups.append(("scp -r", lambda: run([*scp, str(src), f"root@127.0.0.1:{base}/up"])))
+        downs.append(("scp -r", lambda: run([*scp, f"root@127.0.0.1:{base}/ssh-seed",
+                                             str(base / "dl")])))
+    else:
+        peers_note.append("scp -r skipped (needs openssh-server and openssh-client)")
+    if shutil.which("rsync"):
+        (base / "rsyncd.conf").write_text(
+            f"use chroot = no\npid file = {base}/rsyncd.pid\n[files]\n    path = {base}\n"
+            "    read only = no\n    uid = root\n    gid = root\n")
+        rport = free_port()
+        servers.start(["rsync", "--daemon", "--no-detach", f"--config={base}/rsyncd.conf",
+                       f"--port={rport}", "--address=127.0.0.1"], lambda p: rport)
+        wait_listening(rport)
+        url = f"rsync://127.0.0.1:{rport}/files"
+        ups.append(("rsync -r (daemon)", lambda: run(["rsync", "-r", f"{src}/", f"{url}/up/"])))
+        downs.append(("rsync -r (daemon)", lambda: run(["rsync", "-r", f"{url}/src/",
+                                                        f"{base}/dl/"])))
+    else:
+        peers_note.append("rsync skipped (needs rsync)")
+    up_rows = [Row("put a 2,000-file tree", name, unit="files/s") for name, _ in ups]
+    down_rows = [Row("get a 2,000-file tree", name, unit="files/s") for name, _ in downs]
+    for r in up_rows + down_rows:
+        r.amount = 2000
+    alternate(up_rows, [fn for _, fn in ups], reps,
+              lambda: shutil.rmtree(base / "up", ignore_errors=True)
+              or shutil.rmtree(srv / "up", ignore_errors=True))
+    alternate(down_rows, [fn for _, fn in downs], reps,
+              lambda: shutil.rmtree(base / "dl", ignore_errors=True))
+    lines = ["", "| tree scenario | contender | files/s | median s | speed relative to filesrv |",
+             "|---|---|---|---|---|"]
+    goals = []
+    for rows in (up_rows, down_rows):
+        ours = rows[0]
+        for r in rows:
+            lines.append(f"| {r.scenario} | {r.name} | {r.rate:,.0f} | {r.seconds:.3f} | "
+                         f"{ours.seconds / r.seconds:.2f}x |")
+        for r in rows[1:]:
+            need = 3.0 if r.name.startswith("scp") else 1.0
+            speedup = r.seconds / ours.seconds
+            goals.append(f"- {rows[0].scenario}: filesrv vs {r.name}: **{speedup:.2f}x** faster "
+                         f"(need >= {need:g}) — {'met' if speedup >= need else 'NOT met'}")
+    return "\n".join(lines + ["", "Tree goals:", *goals, *(f"- {n}" for n in peers_note), ""])
+
+
+def start_sshd(base: Path, servers: Servers) -> list[str] | None:
+    """An sshd on a free loopback port with throwaway keys, for scp; None if not installed."""
+    sshd, scp = shutil.which("sshd") or "/usr/sbin/sshd", shutil.which("scp")
+    if not (os.path.exists(sshd) and scp and shutil.which("ssh-keygen")):
+        return None
+    keys = base / "ssh"
+    keys.mkdir()
+    for name in ("host", "user"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)],
+                       check=True)
+    shutil.copy(keys / "user.pub", keys / "authorized_keys")
+    port = free_port()
+    (keys / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {keys}/host\n"
+        f"AuthorizedKeysFile {keys}/authorized_keys\nPasswordAuthentication no\n"
+        f"PermitRootLogin prohibit-password\nPidFile {keys}/sshd.pid\nStrictModes no\n"
+        "UsePAM no\nSubsystem sftp internal-sftp\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    servers.start([sshd, "-D", "-f", str(keys / "sshd_config"), "-E", str(keys / "sshd.log")],
+                  lambda p: port)
+    wait_listening(port)
+    return [scp, "-q", "-r", "-P", str(port), "-i", str(keys / "user"),
+            "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
 
 
 def start_peers(work: Path, servers: Servers, log) -> dict[str, list[tuple[str, str]]]:
