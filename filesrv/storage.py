@@ -645,7 +645,9 @@ class PartialUpload:
         except OSError as exc:
             raise io_error(exc, "flushing the upload") from None
         self.trashed = self.storage.place(self.name, self.parts)
-        self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), actual)
+        if st.st_size >= _UNCACHED_DIGEST:  # smaller files are hashed, never looked up
+            self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
+                                      actual)
         return actual
 
     def discard(self) -> None:
