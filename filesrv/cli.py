@@ -32,9 +32,9 @@ examples:
 An interrupted put or get resumes when you run the same command again. Every
 transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
 
-Every option can also come from a FILESRV_* variable (--buffer-size: FILESRV_BUFFER_SIZE;
-flags take 1/0, true/false), and serve's from a TOML file (--config); the command line
-wins, then the environment, then the file.
+Every option but -r can also come from a FILESRV_* variable (--buffer-size:
+FILESRV_BUFFER_SIZE; flags take 1/0, true/false), and serve's from a TOML file (--config);
+the command line wins, then the environment, then the file.
 
 exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
 4 not found or wrong type, 5 refused request, path, size or read-only, 6
@@ -298,7 +298,9 @@ def _apply(command: argparse.ArgumentParser, config: dict[str, Any], path: str |
     known_keys = set()
     for action in command._actions:  # argparse has no public list of a parser's options
         long = next((o for o in action.option_strings if o.startswith("--")), None)
-        if long is None or action.dest in ("help", "config"):
+        # --recursive is what one command does, not a setting: from the environment it
+        # would turn every later `rm` into `rm -r`
+        if long is None or action.dest in ("help", "config", "recursive"):
             continue
         key = long[2:]
         known_keys |= {key, key.replace("-", "_")}

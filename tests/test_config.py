@@ -67,3 +67,10 @@ def test_config_file_errors_are_clear(tmp_path):
     r = run("serve", "--config", str(tmp_path / "missing.toml"), "--port", "0")
     assert r.returncode == 2 and "cannot read config file" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_recursive_never_comes_from_the_environment(daemon, tmp_path):
+    (daemon.root / "d").mkdir()
+    (daemon.root / "d" / "f").write_bytes(b"x")
+    r = run("rm", "-s", daemon.address, "d", env={"FILESRV_RECURSIVE": "1"})
+    assert r.returncode == 4 and (daemon.root / "d" / "f").exists()
