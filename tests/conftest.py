@@ -267,3 +267,34 @@ def fault_proxy() -> Iterator[Any]:
     yield make
     for p in proxies:
         p.stop()
+
+
+def run_on_terminal(*args: str, columns: int = 120, timeout: float = 60
+                    ) -> tuple[int, str, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal: (status, what it drew, stdout)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    leader, follower = pty.openpty()
+    # a real size: with 0 columns tqdm draws nothing
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    drawn = b""
+    try:
+        proc = subprocess.Popen([*CLI, *args], env=ENV, stdout=subprocess.PIPE, stderr=follower)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if _readable(leader):
+                drawn += os.read(leader, 65536)
+            elif proc.poll() is not None:
+                break
+        stdout = proc.communicate(timeout=10)[0]
+    finally:
+        os.close(follower)
+        os.close(leader)
+    return proc.returncode, drawn.decode(errors="replace"), stdout
+
+
+def _readable(fd: int) -> bool:
+    import select
+    return bool(select.select([fd], [], [], 0.1)[0])

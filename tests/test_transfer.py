@@ -126,14 +126,7 @@ def test_human_output_names_the_file_and_digest(daemon, tmp_path: Path):
 
 
 def test_progress_bar_is_drawn_on_a_terminal_from_the_resumed_offset(daemon, tmp_path: Path):
-    import fcntl
-    import os
-    import pty
-    import select
-    import struct
-    import termios
-    import time
-    from conftest import CLI, ENV
+    from conftest import run_on_terminal
     src = random_file(daemon.root / "p.bin", 4 * 1024 * 1024)
     dest = tmp_path / "p.bin"
     partial = tmp_path / ".p.bin.filesrv-part"
@@ -144,25 +137,9 @@ def test_progress_bar_is_drawn_on_a_terminal_from_the_resumed_offset(daemon, tmp
     (tmp_path / ".p.bin.filesrv-part.json").write_text(
         json.dumps({"remote": "p.bin", "etag": etag, "size": src.stat().st_size}))
     dest.unlink()
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
-    drawn = b""
-    try:
-        proc = subprocess.Popen([*CLI, "get", "-s", daemon.address, "--limit-rate", "8M",
-                                 "p.bin", str(dest)], env=ENV, stdout=subprocess.PIPE,
-                                stderr=follower)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if select.select([leader], [], [], 0.1)[0]:
-                drawn += os.read(leader, 65536)
-            elif proc.poll() is not None:
-                break
-        stdout = proc.communicate(timeout=10)[0]
-    finally:
-        os.close(follower)
-        os.close(leader)
-    assert proc.returncode == 0
-    text = drawn.decode(errors="replace")
+    status, text, stdout = run_on_terminal("get", "-s", daemon.address, "--limit-rate", "8M",
+                                           "p.bin", str(dest))
+    assert status == 0
     assert "get p.bin" in text and "B/s" in text
     assert "2.00M/4.00M" in text or " 50%" in text, text  # first frame: the resumed half
     assert b"resumed at 2.0 MiB" in stdout

@@ -117,33 +117,10 @@ def test_interrupted_get_r_skips_what_is_done_and_resumes_the_cut_file(daemon, t
 
 
 def test_tree_progress_bar_counts_bytes_and_files_on_a_terminal(daemon, tmp_path):
-    import fcntl
-    import os
-    import pty
-    import select
-    import struct
-    import termios
-    import time
-    from conftest import CLI, ENV
+    from conftest import run_on_terminal
     make_tree(tmp_path / "src")
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    drawn = b""
-    try:
-        proc = subprocess.Popen([*CLI, "put", "-r", "-s", daemon.address, "--limit-rate", "16M",
-                                 str(tmp_path / "src"), "t"], env=ENV,
-                                stdout=subprocess.PIPE, stderr=follower)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if select.select([leader], [], [], 0.1)[0]:
-                drawn += os.read(leader, 65536)
-            elif proc.poll() is not None:
-                break
-        proc.communicate(timeout=10)
-    finally:
-        os.close(follower)
-        os.close(leader)
-    assert proc.returncode == 0
-    text = drawn.decode(errors="replace")
+    status, text, _ = run_on_terminal("put", "-r", "-s", daemon.address, "--limit-rate", "16M",
+                                      str(tmp_path / "src"), "t")
+    assert status == 0
     assert "put t" in text and "B/s" in text
     assert f"/{SMALL + 3} files" in text  # the tree's file count, as the bar's postfix
