@@ -214,18 +214,16 @@ class Storage:
 
     def digest_of(self, f: ReadableFile) -> str:
         """Whole-file XXH3-128, from the cache when this version was hashed before."""
-        if f.size < _UNCACHED_DIGEST:
-            hasher = xxhash.xxh3_128()
-            hash_fd_range(f.fd, 0, f.size, hasher, bytearray(min(self.buffer_size, f.size)))
-            return hasher.hexdigest()
-        cached = self._cached_digest(f.identity)
-        if cached is not None:
-            return cached
+        cacheable = f.size >= _UNCACHED_DIGEST  # below it, hashing beats a cache lookup
+        if cacheable:
+            cached = self._cached_digest(f.identity)
+            if cached is not None:
+                return cached
         hasher = xxhash.xxh3_128()
-        hash_fd_range(f.fd, 0, f.size, hasher, bytearray(self.buffer_size))
+        hash_fd_range(f.fd, 0, f.size, hasher, bytearray(min(self.buffer_size, f.size)))
         digest = hasher.hexdigest()
         st = os.fstat(f.fd)
-        if (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged while we read it
+        if cacheable and (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged meanwhile
             self.store_digest(f.identity, digest)
         return digest
 
@@ -300,7 +298,7 @@ class Storage:
         try:
             st = item.stat(follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
-                st = self._stat_inside(parts + (item.name,))
+                st = self.stat_entry(parts + (item.name,))[1]
         except (OSError, FilesrvError):
             return None  # dangling, or leading outside the root: not ours to show
         if stat.S_ISDIR(st.st_mode):
@@ -308,17 +306,6 @@ class Storage:
         if stat.S_ISREG(st.st_mode):
             return Entry(item.name, "file", st.st_size, st.st_mtime)
         return None
-
-    def _stat_inside(self, parts: tuple[str, ...]) -> os.stat_result:
-        resolved = self._resolve(parts)
-        assert resolved is not None
-        parent_fd, name = resolved
-        try:
-            if name is None:
-                return os.fstat(parent_fd)
-            return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
-        finally:
-            os.close(parent_fd)
 
     # ------------------------------------------------------------ management
 
@@ -563,15 +550,15 @@ class PartialUpload:
         self.name = name
         self.fd = self._claim()
         try:
-            self.offset = os.fstat(self.fd).st_size
-            if self.offset > size:  # cannot be ours: start over
+            self.resume_offset = os.fstat(self.fd).st_size
+            if self.resume_offset > size:  # cannot be ours: start over
                 os.ftruncate(self.fd, 0)
-                self.offset = 0
-            self.written = self.offset
-            self.writeback = Writeback(self.fd, self.offset)
+                self.resume_offset = 0
+            self.written = self.resume_offset
+            self.writeback = Writeback(self.fd, self.resume_offset)
             self.trashed: str | None = None
             self.hasher = xxhash.xxh3_128()
-            hash_fd_range(self.fd, 0, self.offset, self.hasher,
+            hash_fd_range(self.fd, 0, self.resume_offset, self.hasher,
                           bytearray(storage.buffer_size))
         except OSError as exc:
             self.close()
@@ -579,10 +566,6 @@ class PartialUpload:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def resume_offset(self) -> int:
-        return self.offset
 
     def _claim(self) -> int:
         pfd = self.storage.partials_fd
