@@ -185,18 +185,23 @@ class Client:
     # ------------------------------------------------------------ connection
 
     def __enter__(self) -> "Client":
-        self.connect()
+        # no connection yet: the first command connects, and its request travels with
+        # the hello instead of waiting a round trip for the greeting
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def connect(self) -> None:
-        """Connect and handshake, retrying with backoff while the server is busy."""
+    def connect(self, first_request: bytes | None = None) -> None:
+        """Connect and handshake, retrying with backoff while the server is busy.
+
+        first_request goes out right behind the hello when no token is needed; the
+        server answers it after the greeting and the hello reply.
+        """
         delay = BUSY_BACKOFF
         for attempt in range(1, BUSY_RETRIES + 1):
             try:
-                self._channel = self._open()
+                self._channel = self._open(first_request)
                 return
             except (Busy, _ClosedBeforeGreeting) as exc:
                 if attempt == BUSY_RETRIES:
@@ -205,7 +210,7 @@ class Client:
                 time.sleep(delay)
                 delay *= 2
 
-    def _open(self) -> Channel:
+    def _open(self, first_request: bytes | None) -> Channel:
         where = f"{self.host}:{self.port}"
         self._hello_pending = False
         try:
@@ -220,8 +225,10 @@ class Client:
         channel = Channel(sock)
         try:
             # hello goes out before the greeting is read: a TLS server that gets it in
-            # the clear fails its handshake at once instead of waiting for us
-            channel.send_frame(Hello(agent="filesrv-client").frame())
+            # the clear fails its handshake at once instead of waiting for us. Without
+            # a token there is nothing to wait for, so the first request rides along.
+            pipelined = first_request if self.token is None else None
+            channel.send_frame(Hello(agent="filesrv-client").frame() + (pipelined or b""))
             try:
                 greeting = parse_hello_reply(channel.read_header())
             except (PeerClosed, ConnectionResetError, BadRequest):
@@ -232,8 +239,13 @@ class Client:
                 raise ConnectionFailed(f"server speaks protocol {greeting.version}, this "
                                        f"client {PROTOCOL_VERSION}", retryable=False)
             if greeting.nonce is not None:
+                if self.token is None:
+                    raise AuthFailed("authentication failed: the server requires a token "
+                                     "(--token-file or FILESRV_TOKEN)")
                 parse_hello_reply(self._read(channel))
                 self._authenticate(channel, greeting.nonce)
+                if first_request is not None:
+                    channel.send_bytes(first_request)
             else:
                 # the hello reply is read with the first reply: one round trip saved
                 self._hello_pending = True
@@ -263,14 +275,12 @@ class Client:
                                    retryable=False) from None
 
     def _authenticate(self, channel: Channel, nonce: str) -> None:
-        proof = auth_proof(self.token, nonce) if self.token else None
+        assert self.token is not None
+        proof = auth_proof(self.token, nonce)
         channel.send_frame(Auth(proof=proof).frame())
         try:
             check_reply(self._read(channel))
         except AuthFailed:
-            if self.token is None:
-                raise AuthFailed("authentication failed: the server requires a token "
-                                 "(--token-file or FILESRV_TOKEN)") from None
             raise AuthFailed("authentication failed: the server refused the token") from None
 
     def close(self) -> None:
@@ -298,6 +308,13 @@ class Client:
             raise ConnectionFailed("the server closed the connection") from None
         except OSError as exc:
             raise ConnectionFailed(f"connection to the server failed: {exc}") from None
+
+    def _request(self, frame: bytes) -> None:
+        """Send the request that starts a command; on a new connection, with the hello."""
+        if self._channel is None:
+            self.connect(first_request=frame)
+        else:
+            self._send(frame)
 
     def _send(self, data: bytes | memoryview) -> None:
         """Send, and on a broken connection report the server's error if it sent one."""
@@ -332,7 +349,7 @@ class Client:
     def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
         """One directory's entries; recursive: the whole tree, names relative to `path`."""
         parse_path(path, allow_root=True)
-        self._send(ListDir(path=path, recursive=recursive).frame())
+        self._request(ListDir(path=path, recursive=recursive).frame())
         length = parse_list_reply(self._read())
         try:
             return decode_listing(self.channel.read_body(length))
@@ -361,7 +378,7 @@ class Client:
     def stat(self, path: str) -> StatReply:
         """type ("file"/"dir"), size, mtime and, for files, the XXH3-128 digest."""
         parse_path(path, allow_root=True)
-        self._send(Stat(path=path).frame())
+        self._request(Stat(path=path).frame())
         return parse_stat_reply(self._read())
 
     def _remote_file(self, path: str) -> StatReply | None:
@@ -380,19 +397,19 @@ class Client:
     def rm(self, path: str, recursive: bool = False) -> int:
         """Delete a file (or with recursive, a directory tree); how many entries went."""
         parse_path(path, allow_root=True)
-        self._send(Remove(path=path, recursive=recursive).frame())
+        self._request(Remove(path=path, recursive=recursive).frame())
         return parse_removed_reply(self._read())
 
     def mv(self, src: str, dst: str) -> None:
         """Rename within the server's root, atomically."""
         parse_path(src, allow_root=True)
         parse_path(dst, allow_root=True)
-        self._send(Move(src=src, dst=dst).frame())
+        self._request(Move(src=src, dst=dst).frame())
         check_reply(self._read())
 
     def mkdir(self, path: str, parents: bool = False) -> None:
         parse_path(path, allow_root=True)
-        self._send(MakeDir(path=path, parents=parents).frame())
+        self._request(MakeDir(path=path, parents=parents).frame())
         check_reply(self._read())
 
     # ------------------------------------------------------------ get
@@ -431,7 +448,7 @@ class Client:
     def _get_into(self, remote: str, partial: "LocalPartial", progress: Progress | None
                   ) -> tuple[int, int, str] | None:
         offset, etag = partial.resume_point(remote)
-        self._send(Get(path=remote, offset=offset, if_match=etag).frame())
+        self._request(Get(path=remote, offset=offset, if_match=etag).frame())
         reply = parse_get_reply(self._read())
         if reply.offset != offset:
             partial.truncate(reply.offset)
@@ -517,7 +534,7 @@ class Client:
                   progress: Progress | None) -> tuple[int, str] | None:
         """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
         size = st.st_size
-        self._send(Put(path=remote, size=size, source=source_tag(st)).frame())
+        self._request(Put(path=remote, size=size, source=source_tag(st)).frame())
         offset = parse_put_reply(self._read()).offset
         if offset > size:
             self.close()

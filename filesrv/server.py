@@ -9,12 +9,10 @@ import os
 import signal
 import socket
 import socketserver
-import ssl
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from . import __version__
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
@@ -26,6 +24,13 @@ from .protocol import (Auth, Commit, Data, Get, Hello, ListDir, MakeDir, Move, P
 from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage
 from .transport import Channel, PeerClosed
 
+if TYPE_CHECKING:
+    import ssl
+
+# Not imported here: ssl (only a daemon with --tls-cert loads it) and dataclasses. Every
+# MiB the daemon holds before it forks is paid again by every connection (page tables
+# copied, pages copied on first write): ~0.1 ms per MiB on this machine kind.
+
 DRAIN_SIGNAL = signal.SIGUSR2      # parent to child: finish the current command, then close
 _ERROR_DRAIN_SECONDS = 2.0         # after an error mid-body, read on so the client sees it
 _KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long later, SIGKILL
@@ -34,8 +39,7 @@ _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned pa
 _INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
 
 
-@dataclass(frozen=True)
-class ServerOptions:
+class ServerOptions(NamedTuple):
     """Everything `filesrv serve` can be told, with its defaults."""
 
     buffer_size: int = 1024 * 1024
@@ -64,6 +68,7 @@ def load_tokens(path: str) -> tuple[bytes, ...]:
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
@@ -73,9 +78,15 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
+def _is_tls_error(exc: OSError) -> bool:
+    import ssl  # loaded already: the daemon has a TLS context
+    return isinstance(exc, ssl.SSLError)
+
+
 def log(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(f"{stamp} {message}", file=sys.stderr, flush=True)
+    # one write per line: lines from concurrent children never interleave
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
+    sys.stderr.flush()
 
 
 class _CloseConnection(Exception):
@@ -121,13 +132,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self._log("handshake", "-", 0, 0.0, "timeout")
         except TimeoutError:
             self._log("idle", "-", 0, 0.0, "timeout")
-        except ssl.SSLError as exc:
-            self._log("tls", "-", 0, 0.0, f"handshake failed: {exc.reason or exc}")
         except OSError as exc:
-            self._log("connection", "-", 0, 0.0, f"io: {exc.strerror or exc}")
+            if self.options.tls is not None and _is_tls_error(exc):
+                why = getattr(exc, "reason", None) or exc
+                self._log("tls", "-", 0, 0.0, f"handshake failed: {why}")
+            else:
+                self._log("connection", "-", 0, 0.0, f"io: {exc.strerror or exc}")
 
     def finish(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
+        if self.options.tls is not None:  # the TLS wrapper is a second socket object
             self.request.close()
 
     def _start_tls(self) -> None:
@@ -220,16 +233,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if offset > f.size:
                 raise BadRange(f"offset {offset} is beyond the end ({f.size} bytes)")
             length = f.size - offset
-            header = encode_frame(ok_reply(size=f.size, offset=offset, length=length,
-                                           etag=f.etag, xxh128=storage.digest_of(f)))
-            if length <= _INLINE_BODY:  # one send, one segment, no sendfile set-up
-                body = os.pread(f.fd, length, offset)
-                if len(body) != length:
-                    raise _CloseConnection("file shrank while it was sent")
-                self.channel.send_frame(header + body)
+            if f.size <= _INLINE_BODY:  # one read for digest and body, one send, one segment
+                data, digest = storage.read_small(f)
+                self.channel.send_frame(encode_frame(ok_reply(
+                    size=f.size, offset=offset, length=length, etag=f.etag, xxh128=digest))
+                    + data[offset:])
                 self.moved = length
             else:
-                self.channel.send_frame(header)
+                self.channel.send_frame(encode_frame(ok_reply(
+                    size=f.size, offset=offset, length=length, etag=f.etag,
+                    xxh128=storage.digest_of(f))))
                 self._send_file(f.fd, offset, length)
         finally:
             f.close()
@@ -365,14 +378,14 @@ class _Deadline:
         self.seconds = seconds
 
     def __enter__(self) -> None:
-        signal.signal(signal.SIGALRM, self._expired)
+        # the SIGALRM handler (expired) is installed once, in the parent, before any fork
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
 
     def __exit__(self, *exc: Any) -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     @staticmethod
-    def _expired(signum: int, frame: Any) -> None:
+    def expired(signum: int, frame: Any) -> None:
         raise _HandshakeTimeout("handshake deadline")
 
 
@@ -395,7 +408,14 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         self._abortable = False
         self.in_command = False
         self.draining = False
+        self.is_child = False
         super().__init__(address, ConnectionHandler)
+        # Installed here, once, and inherited by every fork: a child pays nothing for
+        # them and cannot be killed by a signal that arrives before it could install
+        # them. In the parent they do nothing.
+        signal.signal(TAKEOVER_SIGNAL, self._on_takeover)
+        signal.signal(DRAIN_SIGNAL, self._on_drain)
+        signal.signal(signal.SIGALRM, _Deadline.expired)
 
     # -- children: never block the accept loop on them
 
@@ -443,17 +463,18 @@ class FilesrvServer(socketserver.ForkingTCPServer):
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
         # In the child: die on SIGTERM; leave SIGINT (a terminal's Ctrl-C reaches the
         # whole process group) to the parent, which drains the children gracefully.
+        self.is_child = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(TAKEOVER_SIGNAL, self._on_takeover)
-        signal.signal(DRAIN_SIGNAL, self._on_drain)
         super().finish_request(request, client_address)
 
     def _on_takeover(self, signum: int, frame: Any) -> None:
-        if self._abortable:
+        if self.is_child and self._abortable:
             raise Superseded("a newer connection took over this upload")
 
     def _on_drain(self, signum: int, frame: Any) -> None:
+        if not self.is_child:
+            return
         self.draining = True
         if not self.in_command:
             raise _CloseConnection("shutting down")

@@ -21,7 +21,7 @@ import signal
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import xxhash
 
@@ -47,8 +47,7 @@ def io_error(exc: OSError, what: str) -> FilesrvError:
     return IoError(f"I/O error while {what}: {exc.strerror}")
 
 
-@dataclass
-class ReadableFile:
+class ReadableFile(NamedTuple):
     """A regular file opened for serving; `etag` names this version of it."""
 
     fd: int
@@ -226,6 +225,13 @@ class Storage:
         if cacheable and (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged meanwhile
             self.store_digest(f.identity, digest)
         return digest
+
+    def read_small(self, f: ReadableFile) -> tuple[bytes, str]:
+        """A small file's bytes and their XXH3-128 from a single read."""
+        data = os.pread(f.fd, f.size, 0)
+        if len(data) != f.size:
+            raise IoError(f"the file shrank while it was read ({len(data)} of {f.size} bytes)")
+        return data, xxhash.xxh3_128_hexdigest(data)
 
     def _cached_digest(self, identity: tuple[int, int, int, int]) -> str | None:
         dev, ino, size, mtime_ns = identity

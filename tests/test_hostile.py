@@ -212,7 +212,9 @@ def test_parent_swapped_for_a_symlink_mid_get_cannot_read_outside(daemon, tmp_pa
     dest = tmp_path / "got.bin"
     get = start_cli("get", "-s", daemon.address, "--limit-rate", "4M", "a/b/f.bin", str(dest),
                     "--json")
-    wait_for(lambda: (tmp_path / ".got.bin.filesrv-part").exists(), what="the download")
+    partial = tmp_path / ".got.bin.filesrv-part"
+    # bytes have arrived: the server opened the file before the swap
+    wait_for(lambda: partial.exists() and partial.stat().st_size > 0, what="the download")
     os.rename(daemon.root / "a" / "b", daemon.root / "a" / "b.orig")
     (daemon.root / "a" / "b").symlink_to(outside)
     assert get.wait(timeout=60) == 0

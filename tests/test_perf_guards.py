@@ -116,3 +116,51 @@ def test_put_sends_file_bytes_zero_copy_and_hashes_them(daemon, tmp_path: Path):
     assert calls["sendfile"] >= 6, calls  # os.sendfile: at least once per 1 MiB chunk
     assert calls["socket.sendall"] == 3, calls  # the put, data and commit frames only
     assert os.path.getsize(daemon.root / "p.bin") == src.stat().st_size
+
+
+def test_first_request_travels_with_the_hello(tmp_path: Path):
+    """Without a token, a new connection costs no round trip before the first request."""
+    from filesrv.protocol import FrameBuffer, encode_frame, error_reply, greeting
+    from filesrv.errors import NotFound
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    seen: list[str] = []
+
+    def fake_server() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        frames = FrameBuffer()
+        headers: list[dict] = []
+        while len(headers) < 2:  # nothing is sent until both frames are in
+            data = conn.recv(65536)
+            if not data:
+                break
+            frames.feed(data)
+            while (header := frames.next_header()) is not None:
+                headers.append(header)
+        seen.extend(str(h.get("op")) for h in headers)
+        conn.sendall(encode_frame(greeting("fake", None)) + encode_frame(greeting("fake", None))
+                     + encode_frame(error_reply(NotFound("no such file: 'x'"))))
+        conn.close()
+
+    thread = threading.Thread(target=fake_server)
+    thread.start()
+    try:
+        with Client("127.0.0.1", listener.getsockname()[1], timeout=10, retries=0) as client:
+            try:
+                client.stat("x")
+                raise AssertionError("the fake server's not_found was not raised")
+            except NotFound:
+                pass
+    finally:
+        thread.join(timeout=20)
+        listener.close()
+    assert seen == ["hello", "stat"]
+
+
+def test_daemon_without_tls_does_not_load_ssl(daemon):
+    # every MiB the daemon holds is copied into each connection's fork
+    assert daemon.proc is not None
+    maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+    assert "xxhash" in maps  # the maps are the daemon's: its extension modules show
+    assert "_ssl" not in maps and "libssl" not in maps
