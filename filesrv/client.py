@@ -15,16 +15,18 @@ import os
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
 import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound)
-from .protocol import (PROTOCOL_VERSION, Auth, Commit, Data, Entry, Get, Hello, ListDir,
-                       MakeDir, Move, Put, Remove, Stat, StatReply, auth_proof, check_reply,
-                       decode_listing, normalize_path, parse_commit_reply, parse_get_reply,
-                       parse_hello_reply, parse_list_reply, parse_path, parse_put_reply,
+from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_IDENTICAL, Auth,
+                       Commit, Data, Entry, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
+                       PutFiles, Remove, Stat, StatReply, auth_proof, check_reply,
+                       decode_listing, normalize_path, parse_commit_reply, parse_file_reply,
+                       parse_get_reply, parse_hello_reply, parse_list_reply,
+                       parse_need_reply, parse_path, parse_placed_reply, parse_put_reply,
                        parse_removed_reply, parse_stat_reply)
 from .durability import Writeback
 from .hashing import hash_fd_range
@@ -41,6 +43,12 @@ RETRY_BACKOFF_MAX = 8.0   # ...up to this: 0.5 + 1 + 2 + 4 + 8 = 15.5 s with the
 PARTIAL_SUFFIX = ".filesrv-part"
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
+# Trees: files up to BATCH_FILE_MAX travel many to an exchange (put_files/get_files), in
+# batches of up to BATCH_BYTES and MAX_BATCH_FILES files whose manifest stays under
+# BATCH_MANIFEST_BYTES (the header limit is 64 KiB). Larger files go one by one, resumable.
+BATCH_FILE_MAX = 1024 * 1024
+BATCH_BYTES = 8 * 1024 * 1024
+BATCH_MANIFEST_BYTES = 48 * 1024
 
 if TYPE_CHECKING:
     import ssl
@@ -469,10 +477,11 @@ class Client:
         return reply.size, reply.offset, reply.xxh128
 
     def _receive_body(self, partial: "LocalPartial", offset: int, length: int, size: int,
-                      hasher: "xxhash.xxh3_128", progress: Progress | None) -> None:
+                      hasher: "xxhash.xxh3_128", progress: Progress | None,
+                      limiter: RateLimiter | None = None) -> None:
         view = memoryview(self._buffer(length))
         channel = self.channel
-        limiter = RateLimiter(self.limit_rate)
+        limiter = limiter or RateLimiter(self.limit_rate)
         position = offset
         end = offset + length
         if progress:
@@ -600,29 +609,77 @@ class Client:
         """Upload a directory tree over this connection; empty directories are kept.
 
         Files already present with the same size and XXH3-128 are skipped, so a re-run
-        after an interruption moves only the rest (and resumes the file that was cut).
-        Symlinks are never followed: they are skipped (see TreePlan.skipped_links).
+        after an interruption moves only the rest (and resumes the large file that was
+        cut). Small files go many to an exchange. Symlinks are never followed: they are
+        skipped (see TreePlan.skipped_links).
         """
         plan = plan_local_tree(local_dir)
         base = remote_dir.rstrip("/")
         remote = {e.name: e for e in self._tree_or_empty(base)}
         if base and not remote:
             self.mkdir(base, parents=True)  # even an empty tree arrives
-        for rel in plan.dirs:
-            if rel not in remote:
+        holding_files = {rel.rsplit("/", i)[0] for rel, _ in plan.files
+                         for i in range(1, rel.count("/") + 1)}
+        for rel in plan.dirs:  # the others are created with their files
+            if rel not in remote and rel not in holding_files:
                 self.mkdir(_join(base, rel), parents=True)
-        results = []
+        skip = SKIP_EXISTING if overwrite == NO_CLOBBER else SKIP_IDENTICAL
+        results: list[TransferResult] = []
+
+        def done(result: TransferResult) -> None:
+            results.append(result)
+            if on_file:
+                on_file(result)
+
+        small = [(os.path.join(local_dir, rel), _join(base, rel), size)
+                 for rel, size in plan.files if size <= BATCH_FILE_MAX]
+        for batch in _batches(small):
+            for result in self._retrying(lambda: self._put_batch(batch, skip, progress)):
+                done(result)
         for rel, size in plan.files:
-            local = os.path.join(local_dir, rel)
+            if size <= BATCH_FILE_MAX:
+                continue
             there = remote.get(rel)
             policy = overwrite
             if there is not None and there.type == "file" and there.size == size:
                 policy = UPDATE if overwrite == REPLACE else overwrite
-            result = self.put(local, _join(base, rel), progress=progress, overwrite=policy)
-            results.append(result)
-            if on_file:
-                on_file(result)
+            done(self.put(os.path.join(local_dir, rel), _join(base, rel), progress=progress,
+                          overwrite=policy))
         return results
+
+    def _put_batch(self, batch: list[tuple[str, str, int]], skip: str,
+                   progress: Progress | None) -> list[TransferResult]:
+        """One put_files exchange; the server says which files it lacks."""
+        started = time.monotonic()
+        bodies, manifest = [], []
+        for local, remote, _ in batch:
+            body = _read_small_file(local)
+            bodies.append(body)
+            manifest.append({"path": remote, "size": len(body),
+                             "xxh128": xxhash.xxh3_128_hexdigest(body)})
+        self._request(PutFiles(manifest, skip).frame())
+        need = parse_need_reply(self._read(), len(manifest))
+        pending = [Data(length=sum(len(bodies[i]) for i in need)).frame()]
+        pending_bytes = 0
+        limiter = RateLimiter(self.limit_rate)
+        for i in need:  # small bodies leave in large sends, not one send each
+            pending.append(bodies[i])
+            pending_bytes += len(bodies[i])
+            limiter.consume(len(bodies[i]))
+            if pending_bytes >= _SMALL_BUFFER * 4:
+                self._send(b"".join(pending))
+                pending, pending_bytes = [], 0
+            if progress:
+                progress(len(bodies[i]), len(bodies[i]))
+        self._send(b"".join(pending))
+        failed = parse_placed_reply(self._read(), len(manifest))
+        if failed:
+            index, error = min(failed.items())
+            raise type(error)(f"{manifest[index]['path']}: {error.message}")
+        seconds = time.monotonic() - started
+        wanted = set(need)
+        return [TransferResult(normalize_path(m["path"]), m["size"], 0, m["xxh128"], seconds,
+                               i not in wanted) for i, m in enumerate(manifest)]
 
     def get_tree(self, remote_dir: str, local_dir: str, *, progress: Progress | None = None,
                  overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
@@ -630,6 +687,7 @@ class Client:
         """Download a directory tree over this connection; empty directories are kept.
 
         Local files with the same size and XXH3-128 as the remote ones are skipped.
+        Small files come many to an exchange; larger ones one by one, resumable.
         """
         base = remote_dir.rstrip("/")
         entries = self.ls(base, recursive=True)
@@ -639,21 +697,89 @@ class Client:
             except FilesrvError:
                 raise BadRequest(f"server listed an unsafe name {entry.name!r}") from None
         os.makedirs(local_dir, exist_ok=True)
-        results = []
+        results: list[TransferResult] = []
+
+        def done(result: TransferResult) -> None:
+            results.append(result)
+            if on_file:
+                on_file(result)
+
+        small = []
         for entry in entries:
             local = os.path.join(local_dir, *entry.name.split("/"))
             if entry.type == "dir":
                 os.makedirs(local, exist_ok=True)
+            elif entry.size <= BATCH_FILE_MAX:
+                small.append((_join(base, entry.name), local, entry.size))
+        for batch in _batches(small):
+            for result in self._retrying(lambda: self._get_batch(batch, overwrite, progress)):
+                done(result)
+        for entry in entries:
+            if entry.type == "dir" or entry.size <= BATCH_FILE_MAX:
                 continue
+            local = os.path.join(local_dir, *entry.name.split("/"))
             policy = overwrite
             if os.path.isfile(local) and os.path.getsize(local) == entry.size:
                 policy = UPDATE if overwrite == REPLACE else overwrite
-            result = self.get(_join(base, entry.name), local, progress=progress,
-                              overwrite=policy)
-            results.append(result)
-            if on_file:
-                on_file(result)
+            done(self.get(_join(base, entry.name), local, progress=progress, overwrite=policy))
         return results
+
+    def _get_batch(self, batch: list[tuple[str, str, int]], overwrite: str,
+                   progress: Progress | None) -> list[TransferResult]:
+        """One get_files exchange; files the local side already has are not sent."""
+        started = time.monotonic()
+        results: list[TransferResult | None] = []
+        wanted: list[tuple[str, str, str | None]] = []  # remote, local, digest we have
+        for remote, local, _ in batch:
+            kept = _existing_file(local)
+            if kept is not None and overwrite == NO_CLOBBER:
+                size, digest = kept
+                results.append(TransferResult(normalize_path(remote), size, 0, digest,
+                                              0.0, True))
+                continue
+            results.append(None)
+            wanted.append((remote, local, None if kept is None else kept[1]))
+        if wanted:
+            self._request(GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]
+                                   ).frame())
+            check_reply(self._read())
+            received = iter(self._receive_files(wanted, progress, started))
+            results = [r if r is not None else next(received) for r in results]
+        return results  # type: ignore[return-value]
+
+    def _receive_files(self, wanted: list[tuple[str, str, str | None]],
+                       progress: Progress | None, started: float) -> list[TransferResult]:
+        out = []
+        limiter = RateLimiter(self.limit_rate)  # one for the batch: --limit-rate holds
+        for remote, local, have in wanted:
+            try:
+                reply = parse_file_reply(self._read())
+            except FilesrvError as exc:
+                self.close()  # the rest of the reply is not read: start afresh
+                raise type(exc)(f"{remote}: {exc.message}") from None
+            if reply.length == 0 and reply.xxh128 == have:
+                out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
+                                          time.monotonic() - started, True))
+                continue
+            if reply.length != reply.size:
+                self.close()
+                raise BadRequest(f"{remote}: the server sent no body for a changed file")
+            partial = LocalPartial(local, durable=self.durable)
+            try:
+                partial.truncate(0)
+                hasher = xxhash.xxh3_128()
+                self._receive_body(partial, 0, reply.size, reply.size, hasher, progress,
+                                   limiter)
+                if hasher.hexdigest() != reply.xxh128:
+                    partial.reset()
+                    raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does "
+                                         "not match the server's; the partial was discarded")
+                partial.place()
+            finally:
+                partial.close()
+            out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
+                                      time.monotonic() - started))
+        return out
 
     def _tree_or_empty(self, remote_dir: str) -> list[Entry]:
         try:
@@ -691,6 +817,48 @@ def plan_local_tree(local_dir: str) -> TreePlan:
             elif stat.S_ISLNK(st.st_mode):
                 links.append(prefix + name)
     return TreePlan(dirs, files, links)
+
+
+def _batches(items: list[tuple[str, str, int]]) -> Iterator[list[tuple[str, str, int]]]:
+    """Consecutive runs of (from, to, size) within the batch limits (bytes, count, and
+    manifest size, where the remote path is the longer of the two names at worst)."""
+    batch: list[tuple[str, str, int]] = []
+    total = manifest = 0
+    for item in items:
+        size = item[2]
+        entry = 80 + max(len(json.dumps(name, ensure_ascii=False).encode())
+                         for name in item[:2])
+        if batch and (total + size > BATCH_BYTES or len(batch) == MAX_BATCH_FILES
+                      or manifest + entry > BATCH_MANIFEST_BYTES):
+            yield batch
+            batch, total, manifest = [], 0, 0
+        batch.append(item)
+        total += size
+        manifest += entry
+    if batch:
+        yield batch
+
+
+def _read_small_file(path: str) -> bytes:
+    try:
+        with open(path, "rb", buffering=0) as fh:
+            body = fh.read(BATCH_FILE_MAX + 1)
+    except OSError as exc:
+        raise LocalError(f"cannot read {path}: {exc.strerror}") from None
+    if len(body) > BATCH_FILE_MAX:  # grew since the tree was listed: never send a cut copy
+        raise LocalError(f"{path} grew while the tree was sent; run the command again")
+    return body
+
+
+def _existing_file(path: str) -> tuple[int, str] | None:
+    """(size, XXH3-128) of a local regular file, or None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None
+    return st.st_size, _file_digest(path)
 
 
 def _join(base: str, rel: str) -> str:

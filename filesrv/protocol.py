@@ -24,6 +24,9 @@ MAX_HEADER_SIZE = 64 * 1024
 MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_TAG_CHARS = 256
+MAX_BATCH_FILES = 1024  # entries in one put_files / get_files request
+SKIP_IDENTICAL = "identical"  # put_files: keep a remote file with the same size and digest
+SKIP_EXISTING = "existing"    # put_files: keep any remote file of that name (--no-clobber)
 RESERVED_NAME = ".filesrv"  # the server's own state directory at the top of the root
 
 _PREFIX = struct.Struct(">I")
@@ -303,6 +306,54 @@ class Commit(Request):
         self._set(xxh128=xxh128)
 
 
+class PutFiles(Request):
+    """Many small files in one exchange: (path, size, xxh128) for each."""
+
+    __slots__ = ("files", "skip")
+    op = "put_files"
+
+    def __init__(self, files: list[dict[str, Any]], skip: str = SKIP_IDENTICAL) -> None:
+        self._set(files=files, skip=skip)
+
+
+class GetFiles(Request):
+    """Many files in one exchange; an entry's xxh128 is the copy the client already has."""
+
+    __slots__ = ("files",)
+    op = "get_files"
+
+    def __init__(self, files: list[dict[str, Any]]) -> None:
+        self._set(files=files)
+
+
+def _batch(h: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    files = _field(h, "files", list)
+    if not 1 <= len(files) <= MAX_BATCH_FILES:
+        raise BadRequest(f"'files' must hold 1 to {MAX_BATCH_FILES} entries")
+    for entry in files:
+        if not isinstance(entry, dict):
+            raise BadRequest("a 'files' entry is not an object")
+        parse_path(_field(entry, "path", str))  # a file: never the root
+    return files
+
+
+def _parse_put_files(h: Mapping[str, Any]) -> PutFiles:
+    files = [{"path": e["path"], "size": _count(e, "size"), "xxh128": _digest(e, "xxh128")}
+             for e in _batch(h)]
+    skip = _field(h, "skip", str)
+    if skip not in (SKIP_IDENTICAL, SKIP_EXISTING):
+        raise BadRequest(f"field 'skip' must be {SKIP_IDENTICAL!r} or {SKIP_EXISTING!r}")
+    return PutFiles(files, skip)
+
+
+def _parse_get_files(h: Mapping[str, Any]) -> GetFiles:
+    files = []
+    for e in _batch(h):
+        have = e.get("xxh128")
+        files.append({"path": e["path"], "xxh128": None if have is None else _digest(e, "xxh128")})
+    return GetFiles(files)
+
+
 def _parse_hello(h: Mapping[str, Any]) -> Hello:
     version = _count(h, "version")
     agent = _tag(h, "agent", optional=True) or ""
@@ -337,6 +388,8 @@ _PARSERS = {
     "put": _parse_put,
     "data": lambda h: Data(length=_count(h, "length")),
     "commit": lambda h: Commit(xxh128=_digest(h, "xxh128")),
+    "put_files": _parse_put_files,
+    "get_files": _parse_get_files,
 }
 
 
@@ -467,6 +520,45 @@ def parse_stat_reply(header: Mapping[str, Any]) -> StatReply:
         raise BadRequest(f"stat reply has unknown type {kind!r}")
     digest = _digest(h, "xxh128") if kind == "file" else None
     return StatReply(kind, _count(h, "size"), float(_field(h, "mtime", (int, float))), digest)
+
+
+class FileReply(NamedTuple):
+    """One file of a get_files reply; `length` body bytes follow (0 when unchanged)."""
+
+    size: int
+    xxh128: str
+    length: int
+
+
+def parse_file_reply(header: Mapping[str, Any]) -> FileReply:
+    h = check_reply(header)
+    reply = FileReply(size=_count(h, "size"), xxh128=_digest(h, "xxh128"),
+                      length=_count(h, "length"))
+    if reply.length not in (0, reply.size):
+        raise BadRequest("get_files reply: length is neither 0 nor the size")
+    return reply
+
+
+def parse_need_reply(header: Mapping[str, Any], count: int) -> list[int]:
+    """put_files: the indices of the files the server wants, ascending."""
+    need = _field(check_reply(header), "need", list)
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in need) or \
+            need != sorted(set(need)) or (need and not 0 <= need[0] <= need[-1] < count):
+        raise BadRequest("put_files reply: 'need' is not ascending indices of the request")
+    return need
+
+
+def parse_placed_reply(header: Mapping[str, Any], count: int) -> dict[int, FilesrvError]:
+    """put_files: the files (by index) that could not be placed, with their errors."""
+    failed = {}
+    for item in _field(check_reply(header), "failed", list):
+        if not isinstance(item, dict):
+            raise BadRequest("put_files reply: a 'failed' entry is not an object")
+        index = _count(item, "index")
+        if index >= count:
+            raise BadRequest("put_files reply: 'failed' index out of range")
+        failed[index] = error_from_code(_field(item, "code", str), _field(item, "message", str))
+    return failed
 
 
 def parse_removed_reply(header: Mapping[str, Any]) -> int:

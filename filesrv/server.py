@@ -14,14 +14,16 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
+import xxhash
+
 from . import __version__
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
-                     ReadOnly, ServerError, Superseded, TooLarge)
-from .protocol import (Auth, Commit, Data, Get, Hello, ListDir, MakeDir, Move, Put, Remove,
-                       Stat, check_version,
+                     IntegrityError, ReadOnly, ServerError, Superseded, TooLarge)
+from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
+                       PutFiles, Remove, Stat, check_version,
                        encode_frame, encode_listing, error_reply, greeting, ok_reply,
                        parse_path, parse_request, proof_matches)
-from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage
+from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage, io_error
 from .transport import Channel, PeerClosed
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ _KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long 
 _AUTH_FAILURE_DELAY = 1.0          # slows down guessing; paid by the failing child only
 _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned partials
 _INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
+_BATCH_SEND_BYTES = 256 * 1024     # get_files gathers small files into sends of this size
 
 
 class ServerOptions(NamedTuple):
@@ -285,6 +288,111 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         finally:
             upload.close()
 
+    def _put_files(self, request: PutFiles) -> None:
+        """Small files in one exchange: which do you need, their bytes, where each landed."""
+        self._writable()
+        storage = self.server.storage
+        files = [(parse_path(f["path"]), f["size"], f["xxh128"]) for f in request.files]
+        limit = self.options.max_file_size
+        failed: dict[int, FilesrvError] = {}
+        need = []
+        for index, (parts, size, digest) in enumerate(files):
+            try:
+                if limit is not None and size > limit:
+                    raise TooLarge(f"{size} bytes exceeds the server's limit of {limit}")
+                if not storage.has_file(parts, size, digest, request.skip):
+                    need.append(index)
+            except FilesrvError as exc:
+                failed[index] = exc
+        self.channel.send_header(ok_reply(need=need))
+        batch = storage.begin_batch()
+        try:
+            data = self._expect(Data)
+            if data.length != sum(files[i][1] for i in need):
+                self._fail_mid_body(BadRequest(f"data length {data.length} is not the sum "
+                                               "of the needed files' sizes"))
+            try:
+                for index in need:
+                    parts, size, digest = files[index]
+                    if self._receive_file(batch.create(index), size) == digest:
+                        batch.received_whole(index, parts)
+                    else:
+                        failed[index] = IntegrityError(
+                            f"{'/'.join(parts)}: XXH3-128 of the received bytes does not "
+                            "match the client's; not placed")
+            except FilesrvError as exc:  # e.g. no space: the client may still be sending
+                self._fail_mid_body(exc)
+            failed.update(batch.place_all())
+        finally:
+            batch.discard()
+        self.channel.send_header(ok_reply(failed=[
+            {"index": i, "code": e.code, "message": e.message} for i, e in sorted(failed.items())]))
+
+    def _receive_file(self, fd: int, size: int) -> str:
+        """Exactly `size` body bytes into fd; their XXH3-128."""
+        if self.buffer is None:
+            self.buffer = bytearray(self.options.buffer_size)
+        view = memoryview(self.buffer)
+        hasher = xxhash.xxh3_128()
+        remaining = size
+        try:
+            while remaining:
+                got = self.channel.read_body_into(view[: min(len(view), remaining)])
+                chunk = view[:got]
+                hasher.update(chunk)
+                done = 0
+                while done < got:
+                    done += os.write(fd, chunk[done:])
+                remaining -= got
+                self.moved += got
+        except OSError as exc:
+            if isinstance(exc, (TimeoutError, ConnectionError)):
+                raise
+            raise io_error(exc, "writing a file") from None
+        finally:
+            os.close(fd)
+        return hasher.hexdigest()
+
+    def _get_files(self, request: GetFiles) -> None:
+        """Many files in one reply: a frame for each (its error, or its bytes after it)."""
+        storage = self.server.storage
+        self.channel.send_header(ok_reply(count=len(request.files)))
+        pending: list[bytes] = []  # small files leave in large sends, not one send each
+        pending_bytes = 0
+        for entry in request.files:
+            try:
+                f = storage.open_for_read(parse_path(entry["path"]))
+            except FilesrvError as exc:
+                pending.append(encode_frame(error_reply(exc)))
+                continue
+            try:
+                if f.size <= _INLINE_BODY:
+                    data, digest = storage.read_small(f)
+                    if digest == entry["xxh128"]:
+                        data = b""
+                    pending.append(encode_frame(ok_reply(size=f.size, xxh128=digest,
+                                                         length=len(data))) + data)
+                    pending_bytes += len(data)
+                    self.moved += len(data)
+                    if pending_bytes < _BATCH_SEND_BYTES:
+                        continue
+                    self.channel.send_frame(b"".join(pending))
+                    pending, pending_bytes = [], 0
+                    continue
+                digest = storage.digest_of(f)
+                length = 0 if digest == entry["xxh128"] else f.size
+                pending.append(encode_frame(ok_reply(size=f.size, xxh128=digest,
+                                                     length=length)))
+                self.channel.send_frame(b"".join(pending))
+                pending, pending_bytes = [], 0
+                if length:
+                    self._send_file(f.fd, 0, length)
+            except FilesrvError as exc:  # e.g. it shrank while read: can no longer frame it
+                raise _CloseConnection(exc.code) from None
+            finally:
+                f.close()
+        self.channel.send_frame(b"".join(pending))
+
     def _receive_into(self, upload: PartialUpload, length: int) -> None:
         if self.buffer is None:
             self.buffer = bytearray(self.options.buffer_size)
@@ -356,7 +464,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     _dispatch: dict[type, Callable[["ConnectionHandler", Any], None]] = {
         ListDir: _ls, Get: _get, Put: _put, Stat: _stat, Remove: _rm, Move: _mv,
-        MakeDir: _mkdir,
+        MakeDir: _mkdir, PutFiles: _put_files, GetFiles: _get_files,
     }
 
     # -- helpers

@@ -27,9 +27,9 @@ import xxhash
 
 from .errors import (AlreadyExists, BadPath, Busy, FilesrvError, IntegrityError, IoError,
                      IsADirectory, NoSpace, NotADirectory, NotFound)
-from .durability import Writeback
+from .durability import Writeback, flush_filesystem
 from .hashing import hash_fd_range
-from .protocol import RESERVED_NAME, Entry
+from .protocol import RESERVED_NAME, SKIP_EXISTING, Entry
 
 _MAX_SYMLINK_HOPS = 40
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -422,6 +422,23 @@ class Storage:
                              ).hexdigest()[:40]
         return PartialUpload(self, parts, size, f"{key}.part")
 
+    def has_file(self, parts: tuple[str, ...], size: int, digest: str, skip: str) -> bool:
+        """put_files: does the final name already hold what is to be kept?
+
+        skip SKIP_EXISTING: any file there counts; else only one with this size and digest.
+        """
+        try:
+            f = self.open_for_read(parts)
+        except NotFound:
+            return False
+        try:
+            return skip == SKIP_EXISTING or (f.size == size and self.digest_of(f) == digest)
+        finally:
+            f.close()
+
+    def begin_batch(self) -> "BatchUpload":
+        return BatchUpload(self)
+
     def _check_destination(self, parts: tuple[str, ...]) -> None:
         """Refuse before any byte moves if the final name cannot be a file."""
         resolved = self._resolve(parts, missing_parents_ok=True)
@@ -501,6 +518,74 @@ class Storage:
         for n in names:
             try:
                 os.unlink(n, dir_fd=self.trash_fd)
+            except FileNotFoundError:
+                pass
+
+
+class BatchUpload:
+    """The files of one put_files request: received into partials/, flushed together,
+    then each renamed to its name, then flushed together again (two syncfs a batch
+    instead of an fsync and a directory fsync per file).
+
+    A file never appears at its final name before its bytes are durable; a batch cut
+    short leaves nothing but temporaries, which `discard` (or the stale sweep) removes.
+    """
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.received: dict[int, tuple[str, tuple[str, ...]]] = {}
+        self._temporaries: list[str] = []
+
+    def create(self, index: int) -> int:
+        """A new temporary for the file at `index` of the request; its fd."""
+        name = f"batch-{os.getpid()}-{index}.part"
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o644, dir_fd=self.storage.partials_fd)
+        except OSError as exc:
+            raise io_error(exc, "creating a file") from None
+        self._temporaries.append(name)
+        return fd
+
+    def received_whole(self, index: int, parts: tuple[str, ...]) -> None:
+        self.received[index] = (self._temporaries[-1], parts)
+
+    def place_all(self) -> dict[int, FilesrvError]:
+        """Flush, rename every verified file to its name, flush; errors by index."""
+        failed: dict[int, FilesrvError] = {}
+        partials_fd = self.storage.partials_fd
+        try:
+            flush_filesystem(partials_fd)
+        except OSError as exc:
+            error = io_error(exc, "flushing the files")
+            return {index: error for index in self.received}
+        for index, (name, parts) in self.received.items():
+            try:
+                resolved = self.storage._resolve(parts, create_parents=True)
+                assert resolved is not None
+                parent_fd, final = resolved
+                try:
+                    os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
+                finally:
+                    os.close(parent_fd)
+            except IsADirectoryError:
+                failed[index] = IsADirectory(f"{'/'.join(parts)!r} is a directory")
+            except FilesrvError as exc:
+                failed[index] = exc
+            except OSError as exc:
+                failed[index] = io_error(exc, "placing the file")
+        try:
+            flush_filesystem(partials_fd)
+        except OSError as exc:
+            error = io_error(exc, "flushing the directories")
+            failed.update({index: error for index in self.received if index not in failed})
+        return failed
+
+    def discard(self) -> None:
+        """Remove what is left in partials/ (files that failed, or a batch cut short)."""
+        for name in self._temporaries:
+            try:
+                os.unlink(name, dir_fd=self.storage.partials_fd)
             except FileNotFoundError:
                 pass
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from conftest import RawConnection, random_file, start_cli, wait_for, xxh128_of
 from filesrv.client import Client
 from filesrv.errors import BadPath
-from filesrv.protocol import (Commit, Data, Get, Hello, ListDir, MakeDir, Move, Put, Remove,
-                              Stat, encode_frame)
+from filesrv.protocol import (Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
+                              PutFiles, Remove, Stat, encode_frame)
 
 CORPUS = [
     Hello().header(),
@@ -34,6 +34,9 @@ CORPUS = [
     Remove(path="nope", recursive=True).header(),
     Move(src="nope", dst="moved").header(),
     MakeDir(path="nope/deeper").header(),
+    PutFiles([{"path": "up.bin", "size": 5, "xxh128": "0" * 32}]).header(),
+    GetFiles([{"path": "file.bin", "xxh128": None}, {"path": "nope", "xxh128": "0" * 32}]
+             ).header(),
 ]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False)

@@ -218,3 +218,47 @@ def test_auth_proof_matches_the_documented_example():
     assert proof_matches([b"other", b"s3cret"], "00" * 32, proof)
     assert not proof_matches([b"other"], "00" * 32, proof)
     assert not proof_matches([b"s3cret"], "00" * 32, None)
+
+
+# ---------------------------------------------------------------- batches
+
+def test_put_files_request_is_validated_entry_by_entry():
+    from filesrv.protocol import MAX_BATCH_FILES, PutFiles
+    ok = {"path": "a/b", "size": 3, "xxh128": "0" * 32}
+    assert parse_request(PutFiles([ok]).header()) == PutFiles([ok])
+    bad_entries = [{**ok, "path": "../x"}, {**ok, "size": -1}, {**ok, "xxh128": "XY"},
+                   {k: v for k, v in ok.items() if k != "size"}, "a/b"]
+    for entry in bad_entries:
+        with pytest.raises((BadRequest, BadPath)):
+            parse_request({"op": "put_files", "skip": "identical", "files": [entry]})
+    for files in ([], [ok] * (MAX_BATCH_FILES + 1)):
+        with pytest.raises(BadRequest):
+            parse_request({"op": "put_files", "skip": "identical", "files": files})
+    with pytest.raises(BadRequest):
+        parse_request({"op": "put_files", "skip": "sometimes", "files": [ok]})
+
+
+def test_get_files_entries_may_carry_the_digest_the_client_has():
+    from filesrv.protocol import GetFiles
+    request = parse_request({"op": "get_files", "files": [{"path": "a"},
+                                                          {"path": "b", "xxh128": "1" * 32}]})
+    assert request == GetFiles([{"path": "a", "xxh128": None}, {"path": "b", "xxh128": "1" * 32}])
+    with pytest.raises(BadPath):
+        parse_request({"op": "get_files", "files": [{"path": ""}]})
+
+
+def test_batch_replies_are_checked_against_the_request():
+    from filesrv.protocol import parse_file_reply, parse_need_reply, parse_placed_reply
+    assert parse_need_reply({"ok": True, "need": [0, 2]}, 3) == [0, 2]
+    for need in ([2, 0], [0, 0], [3], [-1], [True]):
+        with pytest.raises(BadRequest):
+            parse_need_reply({"ok": True, "need": need}, 3)
+    failed = parse_placed_reply({"ok": True, "failed": [
+        {"index": 1, "code": "integrity", "message": "m"}]}, 2)
+    assert list(failed) == [1] and failed[1].code == "integrity"
+    with pytest.raises(BadRequest):
+        parse_placed_reply({"ok": True, "failed": [{"index": 2, "code": "io_error",
+                                                    "message": "m"}]}, 2)
+    assert parse_file_reply({"ok": True, "size": 5, "xxh128": "0" * 32, "length": 0}).length == 0
+    with pytest.raises(BadRequest):
+        parse_file_reply({"ok": True, "size": 5, "xxh128": "0" * 32, "length": 3})

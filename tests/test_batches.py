@@ -1,0 +1,133 @@
+"""Many small files to an exchange (put_files / get_files), as trees use them."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import xxhash
+
+from conftest import RawConnection, cli, random_file, start_cli, wait_for, xxh128_of
+from filesrv.protocol import Data, GetFiles, PutFiles, encode_frame
+
+
+def small_tree(root: Path, count: int, size: int = 3000) -> dict[str, str]:
+    for i in range(count):
+        random_file(root / f"d{i % 5}" / f"f{i:03d}.bin", size + i)
+    return {str(p.relative_to(root)): xxh128_of(p) for p in root.rglob("*") if p.is_file()}
+
+
+def digests_under(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): xxh128_of(p) for p in root.rglob("*")
+            if p.is_file() and ".filesrv" not in p.parts}
+
+
+def logged_ops(daemon) -> list[str]:
+    return [line.split()[2] for line in daemon.log_text().splitlines()
+            if len(line.split()) > 3 and line.split()[2].isidentifier()]
+
+
+def test_small_files_of_a_tree_travel_many_to_an_exchange(daemon, tmp_path):
+    expected = small_tree(tmp_path / "src", 300)
+    random_file(tmp_path / "src" / "big.bin", 3 * 1024 * 1024)  # over the batch limit
+    expected["big.bin"] = xxh128_of(tmp_path / "src" / "big.bin")
+    cli("put", "-s", daemon.address, "-r", str(tmp_path / "src"), "t")
+    cli("get", "-s", daemon.address, "-r", "t", str(tmp_path / "copy"))
+    assert digests_under(daemon.root / "t") == expected == digests_under(tmp_path / "copy")
+    ops = logged_ops(daemon)
+    assert ops.count("put") == 1 and ops.count("get") == 1  # only the big file alone
+    assert 1 <= ops.count("put_files") <= 2 and 1 <= ops.count("get_files") <= 2
+
+
+def test_put_files_places_the_good_files_and_refuses_a_wrong_digest(daemon):
+    good, bad = b"good bytes", b"bad bytes"
+    conn = RawConnection(daemon.port)
+    reply = conn.request(PutFiles([
+        {"path": "b/good.txt", "size": len(good), "xxh128": xxhash.xxh3_128_hexdigest(good)},
+        {"path": "b/bad.txt", "size": len(bad), "xxh128": "0" * 32}]).header())
+    assert reply == {"ok": True, "need": [0, 1]}
+    conn.send(Data(length=len(good) + len(bad)).frame() + good + bad)
+    placed = conn.read_header()
+    assert placed["ok"] is True
+    assert [(f["index"], f["code"]) for f in placed["failed"]] == [(1, "integrity")]
+    assert (daemon.root / "b" / "good.txt").read_bytes() == good
+    assert not (daemon.root / "b" / "bad.txt").exists()
+    assert list((daemon.root / ".filesrv" / "partials").iterdir()) == []
+    # the connection is still in step: the same file again is not needed
+    again = conn.request(PutFiles([{"path": "b/good.txt", "size": len(good),
+                                    "xxh128": xxhash.xxh3_128_hexdigest(good)}]).header())
+    assert again == {"ok": True, "need": []}
+    conn.send(Data(length=0).frame())
+    assert conn.read_header() == {"ok": True, "failed": []}
+    conn.close()
+
+
+def test_put_files_with_a_wrong_data_length_is_refused_and_nothing_is_placed(daemon):
+    conn = RawConnection(daemon.port)
+    body = b"x" * 100
+    assert conn.request(PutFiles([{"path": "w.bin", "size": 100,
+                                   "xxh128": xxhash.xxh3_128_hexdigest(body)}]).header()
+                        )["need"] == [0]
+    conn.send(Data(length=99).frame() + body[:99])
+    assert conn.read_header()["code"] == "bad_request"
+    assert conn.closed_by_server()
+    assert not (daemon.root / "w.bin").exists()
+    assert RawConnection(daemon.port).request({"op": "ls", "path": ""})["ok"] is True
+
+
+def test_put_files_refuses_names_outside_the_root_before_any_byte(daemon):
+    conn = RawConnection(daemon.port)
+    reply = conn.request({"op": "put_files", "skip": "identical",
+                          "files": [{"path": "../escape", "size": 1, "xxh128": "0" * 32}]})
+    assert reply["ok"] is False and reply["code"] == "bad_path"
+    assert conn.request({"op": "ls", "path": ""})["ok"] is True  # still in step
+
+
+def test_get_files_answers_each_file_in_its_own_frame(daemon):
+    data = random_file(daemon.root / "g" / "one.bin", 5000).read_bytes()
+    (daemon.root / "g" / "dir").mkdir()
+    digest = xxhash.xxh3_128_hexdigest(data)
+    conn = RawConnection(daemon.port)
+    conn.send(GetFiles([{"path": "g/one.bin", "xxh128": None},
+                        {"path": "g/missing", "xxh128": None},
+                        {"path": "g/dir", "xxh128": None},
+                        {"path": "g/one.bin", "xxh128": digest}]).frame())
+    assert conn.read_header() == {"ok": True, "count": 4}
+    first = conn.read_header()
+    assert (first["size"], first["length"], first["xxh128"]) == (5000, 5000, digest)
+    assert conn.read_body(5000) == data
+    assert conn.read_header()["code"] == "not_found"
+    assert conn.read_header()["code"] == "is_a_directory"
+    unchanged = conn.read_header()
+    assert (unchanged["length"], unchanged["xxh128"]) == (0, digest)  # the copy is current
+    assert conn.request({"op": "ls", "path": ""})["ok"] is True
+
+
+def test_read_only_daemon_refuses_a_tree_upload(daemon_factory, tmp_path):
+    daemon = daemon_factory("--read-only")
+    small_tree(tmp_path / "src", 3)
+    put = cli("put", "-s", daemon.address, "-r", str(tmp_path / "src"), "t", check=False)
+    assert put.returncode == 5 and "read-only" in put.stderr
+    assert not (daemon.root / "t").exists()
+
+
+def test_killed_tree_upload_leaves_only_whole_files_and_a_rerun_finishes(daemon, tmp_path):
+    expected = small_tree(tmp_path / "src", 600, size=20_000)  # ~12 MiB: two batches
+    proc = start_cli("put", "-s", daemon.address, "-r", "--limit-rate", "6M",
+                     str(tmp_path / "src"), "t")
+    try:
+        wait_for(lambda: "put_files" in daemon.log_text(), what="the first batch to land")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    landed = digests_under(daemon.root / "t")
+    assert 0 < len(landed) < len(expected)
+    assert all(expected[rel] == digest for rel, digest in landed.items())  # none torn
+    wait_for(lambda: not list((daemon.root / ".filesrv" / "partials").iterdir()),
+             what="the cut batch's temporaries to be removed")
+    rerun = [json.loads(line) for line in
+             cli("put", "-s", daemon.address, "-r", "--json", str(tmp_path / "src"),
+                 "t").stdout.splitlines()]
+    assert sum(bool(r.get("skipped")) for r in rerun) == len(landed)
+    assert digests_under(daemon.root / "t") == expected
