@@ -534,7 +534,8 @@ class BatchUpload:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.received: dict[int, tuple[str, tuple[str, ...]]] = {}
-        self._temporaries: list[str] = []
+        self._temporaries: set[str] = set()  # created and not (yet) placed
+        self._last = ""
 
     def create(self, index: int) -> int:
         """A new temporary for the file at `index` of the request; its fd."""
@@ -544,11 +545,13 @@ class BatchUpload:
                          | os.O_CLOEXEC, 0o644, dir_fd=self.storage.partials_fd)
         except OSError as exc:
             raise io_error(exc, "creating a file") from None
-        self._temporaries.append(name)
+        self._temporaries.add(name)
+        self._last = name
         return fd
 
     def received_whole(self, index: int, parts: tuple[str, ...]) -> None:
-        self.received[index] = (self._temporaries[-1], parts)
+        """The file last created holds all its bytes, verified."""
+        self.received[index] = (self._last, parts)
 
     def place_all(self) -> dict[int, FilesrvError]:
         """Flush, rename every verified file to its name, flush; errors by index."""
@@ -559,27 +562,52 @@ class BatchUpload:
         except OSError as exc:
             error = io_error(exc, "flushing the files")
             return {index: error for index in self.received}
-        for index, (name, parts) in self.received.items():
-            try:
-                resolved = self.storage._resolve(parts, create_parents=True)
-                assert resolved is not None
-                parent_fd, final = resolved
+        parents: dict[tuple[str, ...], int] = {}  # files of a tree share directories
+        try:
+            for index, (name, parts) in self.received.items():
                 try:
-                    os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
-                finally:
-                    os.close(parent_fd)
-            except IsADirectoryError:
-                failed[index] = IsADirectory(f"{'/'.join(parts)!r} is a directory")
-            except FilesrvError as exc:
-                failed[index] = exc
-            except OSError as exc:
-                failed[index] = io_error(exc, "placing the file")
+                    self._place_one(name, parts, parents)
+                    self._temporaries.discard(name)
+                except IsADirectoryError:
+                    failed[index] = IsADirectory(f"{'/'.join(parts)!r} is a directory")
+                except FilesrvError as exc:
+                    failed[index] = exc
+                except OSError as exc:
+                    failed[index] = io_error(exc, "placing the file")
+        finally:
+            for fd in parents.values():
+                os.close(fd)
         try:
             flush_filesystem(partials_fd)
         except OSError as exc:
             error = io_error(exc, "flushing the directories")
             failed.update({index: error for index in self.received if index not in failed})
         return failed
+
+    def _place_one(self, name: str, parts: tuple[str, ...],
+                   parents: dict[tuple[str, ...], int]) -> None:
+        parent_fd = parents.get(parts[:-1])
+        if parent_fd is None:  # the literal parent: never the target of a final symlink
+            resolved = self.storage._resolve(parts, follow_last=False, create_parents=True)
+            assert resolved is not None
+            parent_fd = parents[parts[:-1]] = resolved[0]
+        partials_fd = self.storage.partials_fd
+        try:
+            is_link = stat.S_ISLNK(os.stat(parts[-1], dir_fd=parent_fd,
+                                           follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        if not is_link:
+            os.rename(name, parts[-1], src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
+            return
+        # a symlink inside the root: its target gets the bytes, as for a single put
+        resolved = self.storage._resolve(parts, create_parents=True)
+        assert resolved is not None
+        target_parent, final = resolved
+        try:
+            os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=target_parent)
+        finally:
+            os.close(target_parent)
 
     def discard(self) -> None:
         """Remove what is left in partials/ (files that failed, or a batch cut short)."""
@@ -723,6 +751,31 @@ class PartialUpload:
             self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
                                       actual)
         return actual
+
+    def _place_one(self, name: str, parts: tuple[str, ...],
+                   parents: dict[tuple[str, ...], int]) -> None:
+        parent_fd = parents.get(parts[:-1])
+        if parent_fd is None:  # the literal parent: never the target of a final symlink
+            resolved = self.storage._resolve(parts, follow_last=False, create_parents=True)
+            assert resolved is not None
+            parent_fd = parents[parts[:-1]] = resolved[0]
+        partials_fd = self.storage.partials_fd
+        try:
+            is_link = stat.S_ISLNK(os.stat(parts[-1], dir_fd=parent_fd,
+                                           follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            is_link = False
+        if not is_link:
+            os.rename(name, parts[-1], src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
+            return
+        # a symlink inside the root: its target gets the bytes, as for a single put
+        resolved = self.storage._resolve(parts, create_parents=True)
+        assert resolved is not None
+        target_parent, final = resolved
+        try:
+            os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=target_parent)
+        finally:
+            os.close(target_parent)
 
     def discard(self) -> None:
         try:

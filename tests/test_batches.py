@@ -131,3 +131,15 @@ def test_killed_tree_upload_leaves_only_whole_files_and_a_rerun_finishes(daemon,
                  "t").stdout.splitlines()]
     assert sum(bool(r.get("skipped")) for r in rerun) == len(landed)
     assert digests_under(daemon.root / "t") == expected
+
+
+def test_tree_upload_over_a_symlink_inside_the_root_writes_its_target(daemon, tmp_path):
+    (daemon.root / "t").mkdir()
+    (daemon.root / "t" / "real.bin").write_bytes(b"old")
+    (daemon.root / "t" / "link.bin").symlink_to("real.bin")
+    src = tmp_path / "src"
+    new = random_file(src / "link.bin", 4000).read_bytes()
+    random_file(src / "other.bin", 10)
+    cli("put", "-s", daemon.address, "-r", str(src), "t")
+    assert (daemon.root / "t" / "link.bin").is_symlink()
+    assert (daemon.root / "t" / "real.bin").read_bytes() == new
