@@ -627,6 +627,9 @@ class Client:
         results: list[TransferResult] = []
 
         def done(result: TransferResult) -> None:
+            # a batch reports its files when it is placed: each as complete, then done
+            if progress and not result.skipped:
+                progress(result.size, result.size)
             results.append(result)
             if on_file:
                 on_file(result)
@@ -634,7 +637,7 @@ class Client:
         small = [(os.path.join(local_dir, rel), _join(base, rel), size)
                  for rel, size in plan.files if size <= BATCH_FILE_MAX]
         for batch in _batches(small):
-            for result in self._retrying(lambda: self._put_batch(batch, skip, progress)):
+            for result in self._retrying(lambda: self._put_batch(batch, skip)):
                 done(result)
         for rel, size in plan.files:
             if size <= BATCH_FILE_MAX:
@@ -647,8 +650,8 @@ class Client:
                           overwrite=policy))
         return results
 
-    def _put_batch(self, batch: list[tuple[str, str, int]], skip: str,
-                   progress: Progress | None) -> list[TransferResult]:
+    def _put_batch(self, batch: list[tuple[str, str, int]], skip: str
+                   ) -> list[TransferResult]:
         """One put_files exchange; the server says which files it lacks."""
         started = time.monotonic()
         bodies, manifest = [], []
@@ -669,8 +672,6 @@ class Client:
             if pending_bytes >= _SMALL_BUFFER * 4:
                 self._send(b"".join(pending))
                 pending, pending_bytes = [], 0
-            if progress:
-                progress(len(bodies[i]), len(bodies[i]))
         self._send(b"".join(pending))
         failed = parse_placed_reply(self._read(), len(manifest))
         if failed:
@@ -700,6 +701,9 @@ class Client:
         results: list[TransferResult] = []
 
         def done(result: TransferResult) -> None:
+            # a batch reports its files when it is placed: each as complete, then done
+            if progress and not result.skipped:
+                progress(result.size, result.size)
             results.append(result)
             if on_file:
                 on_file(result)
@@ -712,7 +716,7 @@ class Client:
             elif entry.size <= BATCH_FILE_MAX:
                 small.append((_join(base, entry.name), local, entry.size))
         for batch in _batches(small):
-            for result in self._retrying(lambda: self._get_batch(batch, overwrite, progress)):
+            for result in self._retrying(lambda: self._get_batch(batch, overwrite)):
                 done(result)
         for entry in entries:
             if entry.type == "dir" or entry.size <= BATCH_FILE_MAX:
@@ -724,8 +728,8 @@ class Client:
             done(self.get(_join(base, entry.name), local, progress=progress, overwrite=policy))
         return results
 
-    def _get_batch(self, batch: list[tuple[str, str, int]], overwrite: str,
-                   progress: Progress | None) -> list[TransferResult]:
+    def _get_batch(self, batch: list[tuple[str, str, int]], overwrite: str
+                   ) -> list[TransferResult]:
         """One get_files exchange; files the local side already has are not sent."""
         started = time.monotonic()
         results: list[TransferResult | None] = []
@@ -743,12 +747,12 @@ class Client:
             self._request(GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]
                                    ).frame())
             check_reply(self._read())
-            received = iter(self._receive_files(wanted, progress, started))
+            received = iter(self._receive_files(wanted, started))
             results = [r if r is not None else next(received) for r in results]
         return results  # type: ignore[return-value]
 
-    def _receive_files(self, wanted: list[tuple[str, str, str | None]],
-                       progress: Progress | None, started: float) -> list[TransferResult]:
+    def _receive_files(self, wanted: list[tuple[str, str, str | None]], started: float
+                       ) -> list[TransferResult]:
         out = []
         limiter = RateLimiter(self.limit_rate)  # one for the batch: --limit-rate holds
         for remote, local, have in wanted:
@@ -768,8 +772,7 @@ class Client:
             try:
                 partial.truncate(0)
                 hasher = xxhash.xxh3_128()
-                self._receive_body(partial, 0, reply.size, reply.size, hasher, progress,
-                                   limiter)
+                self._receive_body(partial, 0, reply.size, reply.size, hasher, None, limiter)
                 if hasher.hexdigest() != reply.xxh128:
                     partial.reset()
                     raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -143,3 +144,35 @@ def test_tree_upload_over_a_symlink_inside_the_root_writes_its_target(daemon, tm
     cli("put", "-s", daemon.address, "-r", str(src), "t")
     assert (daemon.root / "t" / "link.bin").is_symlink()
     assert (daemon.root / "t" / "real.bin").read_bytes() == new
+
+
+def test_tree_progress_adds_up_to_the_tree_size_through_the_api(daemon, tmp_path):
+    from filesrv.client import Client
+    expected = small_tree(tmp_path / "src", 50)
+    random_file(tmp_path / "src" / "big.bin", 2 * 1024 * 1024 + 1)
+    total_size = sum(p.stat().st_size for p in (tmp_path / "src").rglob("*") if p.is_file())
+
+    def tally() -> tuple[list[int], Any, Any]:
+        state = [0, 0, 0]  # bytes counted, bytes of the current file, files done
+
+        def progress(done: int, size: int) -> None:
+            assert done >= state[1]  # a file's progress never runs backwards
+            state[0] += done - state[1]
+            state[1] = done
+
+        def on_file(result: Any) -> None:
+            if result.skipped:
+                state[0] += result.size
+            state[1] = 0
+            state[2] += 1
+        return state, progress, on_file
+
+    with Client("127.0.0.1", daemon.port) as client:
+        for direction in ("put", "get", "put again"):
+            state, progress, on_file = tally()
+            if direction == "get":
+                client.get_tree("t", str(tmp_path / "copy"), progress=progress, on_file=on_file)
+            else:
+                client.put_tree(str(tmp_path / "src"), "t", progress=progress, on_file=on_file)
+            assert state[0] == total_size and state[2] == len(expected) + 1, direction
+    assert digests_under(tmp_path / "copy") == digests_under(tmp_path / "src")
