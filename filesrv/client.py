@@ -753,36 +753,42 @@ class Client:
 
     def _receive_files(self, wanted: list[tuple[str, str, str | None]], started: float
                        ) -> list[TransferResult]:
+        """Read one get_files reply, writing each file beside its destination."""
         out = []
         limiter = RateLimiter(self.limit_rate)  # one for the batch: --limit-rate holds
-        for remote, local, have in wanted:
-            try:
+        try:
+            for remote, local, have in wanted:
                 reply = parse_file_reply(self._read())
-            except FilesrvError as exc:
-                self.close()  # the rest of the reply is not read: start afresh
-                raise type(exc)(f"{remote}: {exc.message}") from None
-            if reply.length == 0 and reply.xxh128 == have:
+                if reply.length == 0 and reply.xxh128 == have:
+                    out.append(TransferResult(normalize_path(remote), reply.size, 0,
+                                              reply.xxh128, time.monotonic() - started, True))
+                    continue
+                if reply.length != reply.size:
+                    raise BadRequest("the server sent no body for a changed file")
+                self._store_received(remote, local, reply.size, reply.xxh128, limiter)
                 out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
-                                          time.monotonic() - started, True))
-                continue
-            if reply.length != reply.size:
-                self.close()
-                raise BadRequest(f"{remote}: the server sent no body for a changed file")
-            partial = LocalPartial(local, durable=self.durable)
-            try:
-                partial.truncate(0)
-                hasher = xxhash.xxh3_128()
-                self._receive_body(partial, 0, reply.size, reply.size, hasher, None, limiter)
-                if hasher.hexdigest() != reply.xxh128:
-                    partial.reset()
-                    raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does "
-                                         "not match the server's; the partial was discarded")
-                partial.place()
-            finally:
-                partial.close()
-            out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
-                                      time.monotonic() - started))
+                                          time.monotonic() - started))
+        except FilesrvError as exc:
+            self.close()  # the rest of the reply is unread: the next command reconnects
+            if isinstance(exc, ConnectionFailed) or exc.message.startswith(remote):
+                raise
+            raise type(exc)(f"{remote}: {exc.message}") from None
         return out
+
+    def _store_received(self, remote: str, local: str, size: int, digest: str,
+                        limiter: RateLimiter) -> None:
+        partial = LocalPartial(local, durable=self.durable)
+        try:
+            partial.truncate(0)
+            hasher = xxhash.xxh3_128()
+            self._receive_body(partial, 0, size, size, hasher, None, limiter)
+            if hasher.hexdigest() != digest:
+                partial.reset()
+                raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
+                                     "match the server's; the partial was discarded")
+            partial.place()
+        finally:
+            partial.close()
 
     def _tree_or_empty(self, remote_dir: str) -> list[Entry]:
         try:
