@@ -176,3 +176,23 @@ def test_tree_progress_adds_up_to_the_tree_size_through_the_api(daemon, tmp_path
                 client.put_tree(str(tmp_path / "src"), "t", progress=progress, on_file=on_file)
             assert state[0] == total_size and state[2] == len(expected) + 1, direction
     assert digests_under(tmp_path / "copy") == digests_under(tmp_path / "src")
+
+
+def test_a_file_that_cannot_be_placed_fails_the_tree_but_not_its_neighbours(daemon, tmp_path):
+    (daemon.root / "t").mkdir()
+    (daemon.root / "t" / "d0").write_bytes(b"a file where the tree has a directory")
+    small_tree(tmp_path / "src", 10)  # d0/ ... d4/
+    put = cli("put", "-s", daemon.address, "-r", str(tmp_path / "src"), "t", check=False)
+    assert put.returncode == 4 and "t/d0/f000.bin" in put.stderr, put.stderr
+    assert (daemon.root / "t" / "d0").read_bytes().startswith(b"a file")
+    assert (daemon.root / "t" / "d1" / "f001.bin").stat().st_size == 3001
+
+
+def test_max_file_size_holds_for_files_in_a_batch(daemon_factory, tmp_path):
+    daemon = daemon_factory("--max-file-size", "2000")
+    random_file(tmp_path / "src" / "small.bin", 1000)
+    random_file(tmp_path / "src" / "large.bin", 3000)
+    put = cli("put", "-s", daemon.address, "-r", str(tmp_path / "src"), "t", check=False)
+    assert put.returncode == 5 and "exceeds" in put.stderr, put.stderr
+    assert not (daemon.root / "t" / "large.bin").exists()
+    assert (daemon.root / "t" / "small.bin").stat().st_size == 1000
