@@ -636,9 +636,18 @@ class Client:
 
         small = [(os.path.join(local_dir, rel), _join(base, rel), size)
                  for rel, size in plan.files if size <= BATCH_FILE_MAX]
-        for batch in _batches(small):
-            for result in self._retrying(lambda: self._put_batch(batch, skip)):
-                done(result)
+        # the next batch is read and hashed while the server places this one
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            batches = iter(_batches(small))
+            upcoming = reader.submit(_read_batch, next(batches, []))
+            while True:
+                prepared = upcoming.result()
+                if not prepared[0]:
+                    break
+                upcoming = reader.submit(_read_batch, next(batches, []))
+                for result in self._retrying(lambda: self._put_batch(*prepared, skip)):
+                    done(result)
         for rel, size in plan.files:
             if size <= BATCH_FILE_MAX:
                 continue
@@ -650,16 +659,10 @@ class Client:
                           overwrite=policy))
         return results
 
-    def _put_batch(self, batch: list[tuple[str, str, int]], skip: str
+    def _put_batch(self, manifest: list[dict[str, Any]], bodies: list[bytes], skip: str
                    ) -> list[TransferResult]:
         """One put_files exchange; the server says which files it lacks."""
         started = time.monotonic()
-        bodies, manifest = [], []
-        for local, remote, _ in batch:
-            body = _read_small_file(local)
-            bodies.append(body)
-            manifest.append({"path": remote, "size": len(body),
-                             "xxh128": xxhash.xxh3_128_hexdigest(body)})
         self._request(PutFiles(manifest, skip).frame())
         need = parse_need_reply(self._read(), len(manifest))
         pending = [Data(length=sum(len(bodies[i]) for i in need)).frame()]
@@ -846,6 +849,18 @@ def _batches(items: list[tuple[str, str, int]]) -> Iterator[list[tuple[str, str,
         manifest += entry
     if batch:
         yield batch
+
+
+def _read_batch(batch: list[tuple[str, str, int]]
+                ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    """The put_files manifest of a batch, and the bodies it describes."""
+    manifest, bodies = [], []
+    for local, remote, _ in batch:
+        body = _read_small_file(local)
+        bodies.append(body)
+        manifest.append({"path": remote, "size": len(body),
+                         "xxh128": xxhash.xxh3_128_hexdigest(body)})
+    return manifest, bodies
 
 
 def _read_small_file(path: str) -> bytes:
