@@ -624,15 +624,7 @@ class Client:
             if rel not in remote and rel not in holding_files:
                 self.mkdir(_join(base, rel), parents=True)
         skip = SKIP_EXISTING if overwrite == NO_CLOBBER else SKIP_IDENTICAL
-        results: list[TransferResult] = []
-
-        def done(result: TransferResult) -> None:
-            # a batch reports its files when it is placed: each as complete, then done
-            if progress and not result.skipped:
-                progress(result.size, result.size)
-            results.append(result)
-            if on_file:
-                on_file(result)
+        results, done = _tree_report(progress, on_file)
 
         small = [(os.path.join(local_dir, rel), _join(base, rel), size)
                  for rel, size in plan.files if size <= BATCH_FILE_MAX]
@@ -701,15 +693,7 @@ class Client:
             except FilesrvError:
                 raise BadRequest(f"server listed an unsafe name {entry.name!r}") from None
         os.makedirs(local_dir, exist_ok=True)
-        results: list[TransferResult] = []
-
-        def done(result: TransferResult) -> None:
-            # a batch reports its files when it is placed: each as complete, then done
-            if progress and not result.skipped:
-                progress(result.size, result.size)
-            results.append(result)
-            if on_file:
-                on_file(result)
+        results, done = _tree_report(progress, on_file)
 
         small = []
         for entry in entries:
@@ -829,6 +813,22 @@ def plan_local_tree(local_dir: str) -> TreePlan:
             elif stat.S_ISLNK(st.st_mode):
                 links.append(prefix + name)
     return TreePlan(dirs, files, links)
+
+
+def _tree_report(progress: Progress | None,
+                 on_file: Callable[[TransferResult], None] | None
+                 ) -> tuple[list[TransferResult], Callable[[TransferResult], None]]:
+    """A tree transfer's results, and the function that records each file in them."""
+    results: list[TransferResult] = []
+
+    def done(result: TransferResult) -> None:
+        # a batch reports its files when it is placed: each as complete, then done
+        if progress and not result.skipped:
+            progress(result.size, result.size)
+        results.append(result)
+        if on_file:
+            on_file(result)
+    return results, done
 
 
 def _batches(items: list[tuple[str, str, int]]) -> Iterator[list[tuple[str, str, int]]]:

@@ -752,31 +752,6 @@ class PartialUpload:
                                       actual)
         return actual
 
-    def _place_one(self, name: str, parts: tuple[str, ...],
-                   parents: dict[tuple[str, ...], int]) -> None:
-        parent_fd = parents.get(parts[:-1])
-        if parent_fd is None:  # the literal parent: never the target of a final symlink
-            resolved = self.storage._resolve(parts, follow_last=False, create_parents=True)
-            assert resolved is not None
-            parent_fd = parents[parts[:-1]] = resolved[0]
-        partials_fd = self.storage.partials_fd
-        try:
-            is_link = stat.S_ISLNK(os.stat(parts[-1], dir_fd=parent_fd,
-                                           follow_symlinks=False).st_mode)
-        except FileNotFoundError:
-            is_link = False
-        if not is_link:
-            os.rename(name, parts[-1], src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
-            return
-        # a symlink inside the root: its target gets the bytes, as for a single put
-        resolved = self.storage._resolve(parts, create_parents=True)
-        assert resolved is not None
-        target_parent, final = resolved
-        try:
-            os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=target_parent)
-        finally:
-            os.close(target_parent)
-
     def discard(self) -> None:
         try:
             os.unlink(self.name, dir_fd=self.storage.partials_fd)
