@@ -307,7 +307,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.channel.send_header(ok_reply(need=need))
         batch = storage.begin_batch()
         try:
-            data = self._expect(Data)
+            try:
+                data = self._expect(Data)
+            except BadRequest as exc:  # out of step: what follows may be body bytes
+                self._fail_mid_body(exc)
             if data.length != sum(files[i][1] for i in need):
                 self._fail_mid_body(BadRequest(f"data length {data.length} is not the sum "
                                                "of the needed files' sizes"))
@@ -326,7 +329,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         finally:
             batch.discard()
         self.channel.send_header(ok_reply(failed=[
-            {"index": i, "code": e.code, "message": e.message} for i, e in sorted(failed.items())]))
+            {"index": i, "code": e.code, "message": e.message}
+            for i, e in sorted(failed.items())]))
 
     def _receive_file(self, fd: int, size: int) -> str:
         """Exactly `size` body bytes into fd; their XXH3-128."""

@@ -196,3 +196,16 @@ def test_max_file_size_holds_for_files_in_a_batch(daemon_factory, tmp_path):
     assert put.returncode == 5 and "exceeds" in put.stderr, put.stderr
     assert not (daemon.root / "t" / "large.bin").exists()
     assert (daemon.root / "t" / "small.bin").stat().st_size == 1000
+
+
+def test_put_files_followed_by_something_other_than_data_closes_cleanly(daemon):
+    conn = RawConnection(daemon.port)
+    body = b"y" * 10
+    assert conn.request(PutFiles([{"path": "n.bin", "size": 10,
+                                   "xxh128": xxhash.xxh3_128_hexdigest(body)}]).header()
+                        )["need"] == [0]
+    conn.send(encode_frame({"op": "commit", "xxh128": "0" * 32}) + body)
+    assert conn.read_header()["code"] == "bad_request"
+    assert conn.closed_by_server()
+    assert not (daemon.root / "n.bin").exists()
+    assert "internal" not in daemon.log_text()
