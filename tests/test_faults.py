@@ -59,3 +59,25 @@ def test_client_rides_out_a_daemon_restart_on_the_same_port(daemon_factory, tmp_
     result = json.loads(put.stdout.read())
     assert result["resumed_from"] > 0 and result["xxh128"] == xxh128_of(src)
     assert xxh128_of(again.root / "r.bin") == xxh128_of(src)
+
+
+def test_tree_transfers_ride_out_connections_cut_in_the_middle_of_a_batch(daemon, fault_proxy,
+                                                                          tmp_path):
+    src = tmp_path / "src"
+    for i in range(400):  # ~8 MiB of small files: a batch or two, cut in the middle
+        random_file(src / f"d{i % 4}" / f"f{i:03d}.bin", 20_000 + i)
+    proxy = fault_proxy(daemon.port, "--cut-after", "3M", "--cut-connections", "2")
+    cli("put", "-s", proxy.address, "-r", str(src), "t")
+    expected = {p.relative_to(src): xxh128_of(p) for p in src.rglob("*") if p.is_file()}
+    landed = {p.relative_to(daemon.root / "t"): xxh128_of(p)
+              for p in (daemon.root / "t").rglob("*") if p.is_file()}
+    assert landed == expected
+    assert list((daemon.root / ".filesrv" / "partials").iterdir()) == []
+    batches = [line for line in daemon.log_text().splitlines() if " put_files " in line]
+    assert any(not line.endswith(" ok") for line in batches), batches  # a batch was cut
+
+    proxy2 = fault_proxy(daemon.port, "--cut-after", "3M", "--cut-connections", "2")
+    cli("get", "-s", proxy2.address, "-r", "t", str(tmp_path / "copy"))
+    copied = {p.relative_to(tmp_path / "copy"): xxh128_of(p)
+              for p in (tmp_path / "copy").rglob("*") if p.is_file()}
+    assert copied == expected
