@@ -396,11 +396,12 @@ def run_put_tree(args: argparse.Namespace) -> int:
     for link in plan.skipped_links:
         print(f"filesrv: skipped symlink {link} (symlinks are not followed)", file=sys.stderr)
     total = sum(size for _, size in plan.files)
+    started = time.monotonic()
     with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
                                                args) as bar:
         results = client.put_tree(local_dir, remote, progress=bar.file_progress,
                                   overwrite=args.overwrite, on_file=bar.file_done)
-    _report_tree("uploaded", remote, results, args)
+    _report_tree("uploaded", remote, results, time.monotonic() - started, args)
     return 0
 
 
@@ -410,24 +411,24 @@ def run_get_tree(args: argparse.Namespace) -> int:
     # LOCAL is the tree's own directory whether or not it exists yet, so that re-running
     # the same command after an interruption lands in the same place
     local = name if local is None else local + name if local.endswith(os.sep) else local
+    started = time.monotonic()
     with _client(args) as client:
         files = [e for e in client.ls(remote, recursive=True) if e.type == "file"]
         with TreeProgress(f"get {remote}", sum(e.size for e in files), len(files),
                           args) as bar:
             results = client.get_tree(remote, local, progress=bar.file_progress,
                                       overwrite=args.overwrite, on_file=bar.file_done)
-    _report_tree("downloaded", remote, results, args)
+    _report_tree("downloaded", remote, results, time.monotonic() - started, args)
     return 0
 
 
-def _report_tree(verb: str, where: str, results: list[Any], args: argparse.Namespace) -> None:
+def _report_tree(verb: str, where: str, results: list[Any], seconds: float,
+                 args: argparse.Namespace) -> None:
+    """JSON: a line per file (printed as each completes, see TreeProgress); else a summary."""
     if args.json:
-        for result in results:
-            print(json.dumps(result.as_dict(), ensure_ascii=False))
         return
     skipped = sum(1 for r in results if r.skipped)
     moved = sum(r.size - r.resumed_from for r in results if not r.skipped)
-    seconds = sum(r.seconds for r in results)
     print(f"{verb} {where}: {len(results) - skipped} files ({format_size(moved)}) in "
           f"{seconds:.2f} s, {skipped} already there and skipped", flush=True)
 
@@ -586,11 +587,13 @@ class ProgressBar:
 
 
 class TreeProgress:
-    """One tqdm bar for a whole tree: bytes (with rate and ETA) and files done."""
+    """One tqdm bar for a whole tree (bytes, rate, ETA, files done); with --json, a record
+    for each file as it completes."""
 
     def __init__(self, label: str, total: int, files: int, args: argparse.Namespace) -> None:
         self.label, self.total, self.files = label, total, files
         self.enabled = not args.no_progress and sys.stderr.isatty()
+        self.json = args.json
         self.bar: Any = None
         self.done_files = 0
         self.file_bytes = 0
@@ -609,6 +612,8 @@ class TreeProgress:
         self.file_bytes = done
 
     def file_done(self, result: Any) -> None:
+        if self.json:  # as each file completes: a killed run still says what it finished
+            print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
         self.done_files += 1
         if self.bar is not None:
             if result.skipped:

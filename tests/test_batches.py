@@ -209,3 +209,29 @@ def test_put_files_followed_by_something_other_than_data_closes_cleanly(daemon):
     assert conn.closed_by_server()
     assert not (daemon.root / "n.bin").exists()
     assert "internal" not in daemon.log_text()
+
+
+def test_tree_summary_reports_the_wall_time_not_the_sum_of_batches(daemon, tmp_path):
+    import time
+    small_tree(tmp_path / "src", 60)
+    started = time.monotonic()
+    out = cli("put", "-s", daemon.address, "-r", str(tmp_path / "src"), "t").stdout
+    wall = time.monotonic() - started
+    reported = float(out.split(" in ")[1].split(" s")[0])  # "... 60 files (...) in X s, ..."
+    assert "60 files" in out and reported <= wall, (out, wall)
+
+
+def test_json_records_of_a_tree_stream_out_as_files_complete(daemon, tmp_path):
+    small_tree(tmp_path / "src", 30)
+    random_file(tmp_path / "src" / "zbig.bin", 24 * 1024 * 1024)
+    proc = start_cli("put", "-s", daemon.address, "-r", "--json", "--limit-rate", "4M",
+                     str(tmp_path / "src"), "t")
+    partials = daemon.root / ".filesrv" / "partials"
+    try:
+        wait_for(lambda: any(p.stat().st_size > 1024 * 1024 for p in partials.glob("*.part")),
+                 what="the big file to be under way")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    records = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    assert len(records) == 30 and all(r["path"].startswith("t/d") for r in records)
