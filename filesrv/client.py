@@ -28,7 +28,7 @@ from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_ID
                        parse_get_reply, parse_hello_reply, parse_list_reply,
                        parse_need_reply, parse_path, parse_placed_reply, parse_put_reply,
                        parse_removed_reply, parse_stat_reply)
-from .durability import Writeback
+from .durability import Writeback, flush_filesystem
 from .hashing import hash_fd_range
 from .transport import Channel, PeerClosed
 
@@ -49,6 +49,7 @@ RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 BATCH_FILE_MAX = 1024 * 1024
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MANIFEST_BYTES = 48 * 1024
+DURABLE_BATCH_FILES = 256  # with --fsync a batch's partials stay open until one flush
 
 if TYPE_CHECKING:
     import ssl
@@ -702,7 +703,8 @@ class Client:
                 os.makedirs(local, exist_ok=True)
             elif entry.size <= BATCH_FILE_MAX:
                 small.append((_join(base, entry.name), local, entry.size))
-        for batch in _batches(small):
+        per_batch = DURABLE_BATCH_FILES if self.durable else MAX_BATCH_FILES
+        for batch in _batches(small, per_batch):
             for result in self._retrying(lambda: self._get_batch(batch, overwrite)):
                 done(result)
         for entry in entries:
@@ -740,8 +742,13 @@ class Client:
 
     def _receive_files(self, wanted: list[tuple[str, str, str | None]], started: float
                        ) -> list[TransferResult]:
-        """Read one get_files reply, writing each file beside its destination."""
+        """Read one get_files reply, writing each file beside its destination.
+
+        With --fsync the batch's files are flushed together and only then renamed, and
+        the renames flushed together: two flushes a batch instead of one a file.
+        """
         out = []
+        held: list[LocalPartial] = []
         limiter = RateLimiter(self.limit_rate)  # one for the batch: --limit-rate holds
         try:
             for remote, local, have in wanted:
@@ -752,19 +759,28 @@ class Client:
                     continue
                 if reply.length != reply.size:
                     raise BadRequest("the server sent no body for a changed file")
-                self._store_received(remote, local, reply.size, reply.xxh128, limiter)
+                partial = self._store_received(remote, local, reply.size, reply.xxh128,
+                                               limiter)
+                if self.durable:
+                    held.append(partial)
+                else:
+                    _place_and_close(partial)
                 out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
                                           time.monotonic() - started))
         except FilesrvError as exc:
+            for partial in held:
+                partial.close()
             self.close()  # the rest of the reply is unread: the next command reconnects
             if isinstance(exc, ConnectionFailed) or exc.message.startswith(remote):
                 raise
             raise type(exc)(f"{remote}: {exc.message}") from None
+        _place_together(held)
         return out
 
     def _store_received(self, remote: str, local: str, size: int, digest: str,
-                        limiter: RateLimiter) -> None:
-        partial = LocalPartial(local, durable=self.durable)
+                        limiter: RateLimiter) -> "LocalPartial":
+        """A verified file in its partial beside `local`, not yet placed (still locked)."""
+        partial = LocalPartial(local, durable=False)  # flushed by the caller if at all
         try:
             partial.truncate(0)
             hasher = xxhash.xxh3_128()
@@ -773,9 +789,10 @@ class Client:
                 partial.reset()
                 raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
                                      "match the server's; the partial was discarded")
-            partial.place()
-        finally:
+        except BaseException:
             partial.close()
+            raise
+        return partial
 
     def _tree_or_empty(self, remote_dir: str) -> list[Entry]:
         try:
@@ -831,7 +848,8 @@ def _tree_report(progress: Progress | None,
     return results, done
 
 
-def _batches(items: list[tuple[str, str, int]]) -> Iterator[list[tuple[str, str, int]]]:
+def _batches(items: list[tuple[str, str, int]], max_files: int = MAX_BATCH_FILES
+             ) -> Iterator[list[tuple[str, str, int]]]:
     """Consecutive runs of (from, to, size) within the batch limits (bytes, count, and
     manifest size, where the remote path is the longer of the two names at worst)."""
     batch: list[tuple[str, str, int]] = []
@@ -840,7 +858,7 @@ def _batches(items: list[tuple[str, str, int]]) -> Iterator[list[tuple[str, str,
         size = item[2]
         entry = 80 + max(len(json.dumps(name, ensure_ascii=False).encode())
                          for name in item[:2])
-        if batch and (total + size > BATCH_BYTES or len(batch) == MAX_BATCH_FILES
+        if batch and (total + size > BATCH_BYTES or len(batch) == max_files
                       or manifest + entry > BATCH_MANIFEST_BYTES):
             yield batch
             batch, total, manifest = [], 0, 0
@@ -861,6 +879,34 @@ def _read_batch(batch: list[tuple[str, str, int]]
         manifest.append({"path": remote, "size": len(body),
                          "xxh128": xxhash.xxh3_128_hexdigest(body)})
     return manifest, bodies
+
+
+def _place_and_close(partial: "LocalPartial") -> None:
+    try:
+        partial.place()
+    finally:
+        partial.close()
+
+
+def _place_together(partials: list["LocalPartial"]) -> None:
+    """Flush the partials' bytes at once, rename them all, flush the renames at once."""
+    try:
+        if partials:
+            try:
+                # one fd per filesystem the tree spans (a subdirectory may be a mount)
+                filesystems = {os.fstat(p.fd).st_dev: p.fd for p in partials}.values()
+                for fd in filesystems:
+                    flush_filesystem(fd)
+                for partial in partials:
+                    partial.place()
+                for fd in filesystems:
+                    flush_filesystem(fd)
+            except OSError as exc:
+                raise LocalError(f"cannot flush the downloaded files: {exc.strerror}"
+                                 ) from None
+    finally:
+        for partial in partials:
+            partial.close()
 
 
 def _read_small_file(path: str) -> bytes:

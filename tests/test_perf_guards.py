@@ -164,3 +164,29 @@ def test_daemon_without_tls_does_not_load_ssl(daemon):
     maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
     assert "xxhash" in maps  # the maps are the daemon's: its extension modules show
     assert "_ssl" not in maps and "libssl" not in maps
+
+
+def test_get_r_with_fsync_flushes_a_batch_at_once_not_each_file(daemon, tmp_path: Path):
+    for i in range(300):
+        random_file(daemon.root / "t" / f"d{i % 3}" / f"f{i:03d}.bin", 1000 + i)
+    calls: Counter = Counter()
+
+    def profile(frame, event, arg) -> None:
+        if event == "call" and frame.f_code.co_name == "flush_filesystem":
+            calls["flush_filesystem"] += 1
+        elif event == "c_call" and getattr(arg, "__name__", "") in ("fsync", "fdatasync"):
+            calls["fsync"] += 1
+
+    import sys
+    with Client("127.0.0.1", daemon.port, durable=True) as client:
+        client.ls("")
+        sys.setprofile(profile)
+        try:
+            results = client.get_tree("t", str(tmp_path / "copy"))
+        finally:
+            sys.setprofile(None)
+    assert len(results) == 300
+    for p in (daemon.root / "t").rglob("*.bin"):
+        assert xxh128_of(tmp_path / "copy" / p.relative_to(daemon.root / "t")) == xxh128_of(p)
+    batches = -(-300 // 256)  # DURABLE_BATCH_FILES a batch
+    assert calls["fsync"] == 0 and calls["flush_filesystem"] == 2 * batches, calls
