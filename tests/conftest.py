@@ -157,6 +157,23 @@ def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> 
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def kill_when(proc: subprocess.Popen[Any], reached: Any, what: str) -> None:
+    """SIGKILL `proc` once `reached()` holds; killed in any case, so no test leaves it."""
+    try:
+        wait_for(lambda: reached() or proc.poll() is not None, what=what)
+        assert proc.poll() is None, f"the command finished before it could be killed ({what})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def upload_partial_over(daemon: Daemon, size: int) -> Any:
+    """A condition: some partial upload on the server holds more than `size` bytes."""
+    partials = daemon.root / ".filesrv" / "partials"
+    return lambda: any(p.stat().st_size > size for p in partials.glob("*.part")
+                       if p.exists())
+
+
 def random_file(path: Path, size: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 from typing import Any
 
 import xxhash
 
-from conftest import RawConnection, cli, random_file, start_cli, wait_for, xxh128_of
+from conftest import (RawConnection, cli, kill_when, random_file, start_cli, upload_partial_over,
+                      wait_for, xxh128_of)
 from filesrv.protocol import Data, GetFiles, PutFiles, encode_frame
 
 
@@ -56,20 +56,23 @@ def test_put_files_places_the_good_files_and_refuses_a_wrong_digest(daemon):
     assert not (daemon.root / "b" / "bad.txt").exists()
     assert list((daemon.root / ".filesrv" / "partials").iterdir()) == []
     # the connection is still in step: the same file again is not needed
-    again = conn.request(PutFiles([{"path": "b/good.txt", "size": len(good),
-                                    "xxh128": xxhash.xxh3_128_hexdigest(good)}]).header())
-    assert again == {"ok": True, "need": []}
+    assert offer_one_file(conn, "b/good.txt", good) == []
     conn.send(Data(length=0).frame())
     assert conn.read_header() == {"ok": True, "failed": []}
     conn.close()
 
 
+def offer_one_file(conn: RawConnection, path: str, body: bytes) -> list[int]:
+    """A put_files request for one file; the indices the server needs."""
+    return conn.request(PutFiles([{"path": path, "size": len(body),
+                                   "xxh128": xxhash.xxh3_128_hexdigest(body)}]).header()
+                        )["need"]
+
+
 def test_put_files_with_a_wrong_data_length_is_refused_and_nothing_is_placed(daemon):
     conn = RawConnection(daemon.port)
     body = b"x" * 100
-    assert conn.request(PutFiles([{"path": "w.bin", "size": 100,
-                                   "xxh128": xxhash.xxh3_128_hexdigest(body)}]).header()
-                        )["need"] == [0]
+    assert offer_one_file(conn, "w.bin", body) == [0]
     conn.send(Data(length=99).frame() + body[:99])
     assert conn.read_header()["code"] == "bad_request"
     assert conn.closed_by_server()
@@ -117,11 +120,7 @@ def test_killed_tree_upload_leaves_only_whole_files_and_a_rerun_finishes(daemon,
     expected = small_tree(tmp_path / "src", 600, size=20_000)  # ~12 MiB: two batches
     proc = start_cli("put", "-s", daemon.address, "-r", "--limit-rate", "6M",
                      str(tmp_path / "src"), "t")
-    try:
-        wait_for(lambda: "put_files" in daemon.log_text(), what="the first batch to land")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_when(proc, lambda: "put_files" in daemon.log_text(), "the first batch to land")
     landed = digests_under(daemon.root / "t")
     assert 0 < len(landed) < len(expected)
     assert all(expected[rel] == digest for rel, digest in landed.items())  # none torn
@@ -201,9 +200,7 @@ def test_max_file_size_holds_for_files_in_a_batch(daemon_factory, tmp_path):
 def test_put_files_followed_by_something_other_than_data_closes_cleanly(daemon):
     conn = RawConnection(daemon.port)
     body = b"y" * 10
-    assert conn.request(PutFiles([{"path": "n.bin", "size": 10,
-                                   "xxh128": xxhash.xxh3_128_hexdigest(body)}]).header()
-                        )["need"] == [0]
+    assert offer_one_file(conn, "n.bin", body) == [0]
     conn.send(encode_frame({"op": "commit", "xxh128": "0" * 32}) + body)
     assert conn.read_header()["code"] == "bad_request"
     assert conn.closed_by_server()
@@ -226,12 +223,6 @@ def test_json_records_of_a_tree_stream_out_as_files_complete(daemon, tmp_path):
     random_file(tmp_path / "src" / "zbig.bin", 24 * 1024 * 1024)
     proc = start_cli("put", "-s", daemon.address, "-r", "--json", "--limit-rate", "4M",
                      str(tmp_path / "src"), "t")
-    partials = daemon.root / ".filesrv" / "partials"
-    try:
-        wait_for(lambda: any(p.stat().st_size > 1024 * 1024 for p in partials.glob("*.part")),
-                 what="the big file to be under way")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_when(proc, upload_partial_over(daemon, 1024 * 1024), "the big file to be under way")
     records = [json.loads(line) for line in proc.stdout.read().splitlines()]
     assert len(records) == 30 and all(r["path"].startswith("t/d") for r in records)

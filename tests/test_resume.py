@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
 
-from conftest import RawConnection, cli, cli_json, random_file, start_cli, wait_for, xxh128_of
+from conftest import (RawConnection, cli, cli_json, kill_when, random_file, start_cli, wait_for,
+                      xxh128_of)
 from filesrv.client import source_tag
 from filesrv.protocol import Data, Put
 
@@ -24,13 +24,8 @@ def partial_size(paths: list[Path]) -> int:
     return sum(p.stat().st_size for p in paths if p.exists())
 
 
-def kill_when(proc, grown: "callable", what: str) -> None:
-    try:
-        wait_for(lambda: grown() >= 1024 * 1024 or proc.poll() is not None, what=what)
-        assert proc.poll() is None, f"transfer finished before it could be killed: {proc.stderr}"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+def kill_when_grown(proc, grown: "callable", what: str) -> None:
+    kill_when(proc, lambda: grown() >= 1024 * 1024, what)
 
 
 def local_partial(dest: Path) -> Path:
@@ -41,7 +36,7 @@ def test_get_resumes_after_client_is_killed(daemon, tmp_path: Path):
     src = random_file(daemon.root / "big.bin", SIZE)
     dest = tmp_path / "big.bin"
     proc = start_cli("get", "-s", daemon.address, "--limit-rate", SLOW, "big.bin", str(dest))
-    kill_when(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
+    kill_when_grown(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
     assert not dest.exists(), "a killed get must not leave a file at the final name"
     cut = local_partial(dest).stat().st_size
     got = cli_json("get", "-s", daemon.address, "big.bin", str(dest))
@@ -53,7 +48,7 @@ def test_get_resumes_after_client_is_killed(daemon, tmp_path: Path):
 def test_put_resumes_after_client_is_killed(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
     assert not (daemon.root / "big.bin").exists()
     put = cli_json("put", "-s", daemon.address, str(src), "big.bin")
     assert put["resumed_from"] > 0
@@ -96,7 +91,7 @@ def test_get_starts_over_when_the_remote_file_changed(daemon, tmp_path: Path):
     random_file(daemon.root / "big.bin", SIZE)
     dest = tmp_path / "big.bin"
     proc = start_cli("get", "-s", daemon.address, "--limit-rate", SLOW, "big.bin", str(dest))
-    kill_when(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
+    kill_when_grown(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
     replacement = random_file(tmp_path / "v2.bin", SIZE + 10)
     cli("put", "-s", daemon.address, str(replacement), "big.bin")
     got = cli_json("get", "-s", daemon.address, "big.bin", str(dest))
@@ -108,7 +103,7 @@ def test_get_refetches_the_whole_file_when_the_partial_is_damaged(daemon, tmp_pa
     src = random_file(daemon.root / "big.bin", SIZE)
     dest = tmp_path / "big.bin"
     proc = start_cli("get", "-s", daemon.address, "--limit-rate", SLOW, "big.bin", str(dest))
-    kill_when(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
+    kill_when_grown(proc, lambda: partial_size([local_partial(dest)]), "the local partial to grow")
     with open(local_partial(dest), "r+b") as fh:  # flip one byte inside the partial
         fh.seek(1000)
         byte = fh.read(1)
@@ -122,7 +117,7 @@ def test_get_refetches_the_whole_file_when_the_partial_is_damaged(daemon, tmp_pa
 def test_put_recovers_when_the_server_partial_is_damaged(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
     (partial,) = server_partials(daemon)
     with open(partial, "r+b") as fh:
         fh.seek(10)
@@ -136,7 +131,7 @@ def test_put_recovers_when_the_server_partial_is_damaged(daemon, tmp_path: Path)
 def test_put_of_a_changed_local_file_never_splices_onto_the_old_partial(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
     random_file(src, SIZE)  # same name and size, new contents
     put = cli_json("put", "-s", daemon.address, str(src), "big.bin")
     assert put["resumed_from"] == 0
@@ -146,7 +141,7 @@ def test_put_of_a_changed_local_file_never_splices_onto_the_old_partial(daemon, 
 def test_partials_are_never_listed_or_served(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
     assert cli_json("ls", "-s", daemon.address) == []
     refused = cli("get", "-s", daemon.address, ".filesrv/partials/x", check=False)
     assert refused.returncode == 5 and "reserved" in refused.stderr

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from conftest import cli, random_file, start_cli, wait_for, xxh128_of
+from conftest import cli, kill_when, random_file, start_cli, upload_partial_over, xxh128_of
 
 SMALL = 40
 
@@ -84,13 +83,7 @@ def test_interrupted_put_r_skips_what_is_done_and_resumes_the_cut_file(daemon, t
     src = tmp_path / "src"
     expected = make_tree(src)
     proc = start_cli("put", "-s", daemon.address, "-r", "--limit-rate", "4M", str(src), "t")
-    partials = daemon.root / ".filesrv" / "partials"
-    try:
-        wait_for(lambda: any(p.stat().st_size > 1024 * 1024 for p in partials.glob("*.part")),
-                 what="the big file to be half way")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_when(proc, upload_partial_over(daemon, 1024 * 1024), "the big file to be half way")
     rerun = records(cli("put", "-s", daemon.address, "-r", "--json", str(src), "t").stdout)
     by_path = {r["path"]: r for r in rerun}
     assert all(by_path[f"t/a{i:02d}.bin"].get("skipped") for i in range(SMALL))
@@ -103,12 +96,8 @@ def test_interrupted_get_r_skips_what_is_done_and_resumes_the_cut_file(daemon, t
     dest = tmp_path / "copy"
     proc = start_cli("get", "-s", daemon.address, "-r", "--limit-rate", "4M", "t", str(dest))
     partial = dest / "zz" / ".big.bin.filesrv-part"
-    try:
-        wait_for(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024,
-                 what="the big file to be half way")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=10)
+    kill_when(proc, lambda: partial.exists() and partial.stat().st_size > 1024 * 1024,
+              "the big file to be half way")
     rerun = records(cli("get", "-s", daemon.address, "-r", "--json", "t", str(dest)).stdout)
     by_path = {r["path"]: r for r in rerun}
     assert all(by_path[f"t/a{i:02d}.bin"].get("skipped") for i in range(SMALL))
