@@ -148,12 +148,13 @@ def start_cli(*args: str, cwd: Path | None = None) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition") -> None:
+def wait_for(predicate: Any, timeout: float = 20.0, what: str = "condition",
+             interval: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.02)
+        time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 

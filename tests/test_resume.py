@@ -48,7 +48,8 @@ def test_get_resumes_after_client_is_killed(daemon, tmp_path: Path):
 def test_put_resumes_after_client_is_killed(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)),
+                    "the server partial to grow")
     assert not (daemon.root / "big.bin").exists()
     put = cli_json("put", "-s", daemon.address, str(src), "big.bin")
     assert put["resumed_from"] > 0
@@ -117,7 +118,8 @@ def test_get_refetches_the_whole_file_when_the_partial_is_damaged(daemon, tmp_pa
 def test_put_recovers_when_the_server_partial_is_damaged(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)),
+                    "the server partial to grow")
     (partial,) = server_partials(daemon)
     with open(partial, "r+b") as fh:
         fh.seek(10)
@@ -131,7 +133,8 @@ def test_put_recovers_when_the_server_partial_is_damaged(daemon, tmp_path: Path)
 def test_put_of_a_changed_local_file_never_splices_onto_the_old_partial(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)),
+                    "the server partial to grow")
     random_file(src, SIZE)  # same name and size, new contents
     put = cli_json("put", "-s", daemon.address, str(src), "big.bin")
     assert put["resumed_from"] == 0
@@ -141,7 +144,8 @@ def test_put_of_a_changed_local_file_never_splices_onto_the_old_partial(daemon, 
 def test_partials_are_never_listed_or_served(daemon, tmp_path: Path):
     src = random_file(tmp_path / "big.bin", SIZE)
     proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "big.bin")
-    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)), "the server partial to grow")
+    kill_when_grown(proc, lambda: partial_size(server_partials(daemon)),
+                    "the server partial to grow")
     assert cli_json("ls", "-s", daemon.address) == []
     refused = cli("get", "-s", daemon.address, ".filesrv/partials/x", check=False)
     assert refused.returncode == 5 and "reserved" in refused.stderr

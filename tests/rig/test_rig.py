@@ -17,11 +17,14 @@ from typing import Iterator
 
 import pytest
 
+from conftest import wait_for
+
 pytestmark = pytest.mark.rig
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = shutil.which("docker-compose") and ["docker-compose"] or ["docker", "compose"]
 MiB = 1024 * 1024
+SERVER_PARTIALS = "/srv/storage/.filesrv/partials/*.part"
 
 
 def _free_port() -> int:
@@ -67,25 +70,20 @@ class Rig:
     def container(self, service: str) -> str:
         return self.compose("ps", "-q", service).stdout.strip()
 
-    def wait_healthy(self, service: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            cid = self.container(service)
-            if cid:
-                state = subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}",
-                                        cid], capture_output=True, text=True).stdout.strip()
-                if state == "healthy":
-                    return
-            time.sleep(0.5)
-        raise AssertionError(f"{service} not healthy after {timeout}s")
+    def healthy(self, service: str) -> bool:
+        cid = self.container(service)
+        return bool(cid) and subprocess.run(
+            ["docker", "inspect", "-f", "{{.State.Health.Status}}", cid],
+            capture_output=True, text=True).stdout.strip() == "healthy"
 
-    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.3)
-        raise AssertionError(f"timed out waiting for {what}")
+    def wait_healthy(self, service: str, timeout: float = 60) -> None:
+        wait_for(lambda: self.healthy(service), timeout, f"{service} to be healthy",
+                 interval=0.5)
+
+    def wait_until_grown(self, service: str, pattern: str, size: int, what: str) -> None:
+        """Until a file matching `pattern` in `service` holds `size` bytes (a transfer is
+        under way); polled gently, each look is a docker exec."""
+        wait_for(lambda: self.size_of(service, pattern) >= size, 60, what, interval=0.3)
 
     def size_of(self, service: str, pattern: str) -> int:
         out = self.sh(service, f"stat -c %s {pattern} 2>/dev/null || true").stdout.split()
@@ -139,24 +137,27 @@ def test_put_and_get_between_containers_match_xxh128sum(rig: Rig):
 
 # ------------------------------------------------------------------ 2. server killed
 
+def through_a_server_kill(rig: Rig, command: str, service: str, partial: str) -> dict:
+    """Run `command` on the client; SIGKILL and restart the server once `partial` (in
+    `service`) holds 32 MiB; the command's --json result."""
+    job = rig.sh_background("client", command)
+    rig.wait_until_grown(service, partial, 32 * MiB, "the transfer to be under way")
+    rig.kill_and_restart("server")
+    return finished(job)
+
+
 def test_server_sigkilled_mid_transfer_and_restarted_put_and_get_resume(rig: Rig):
     digest = make_file(rig, "/tmp/big.bin", 256)
-    put = rig.sh_background("client", "filesrv put --limit-rate 32M --retries 8 --json "
-                            "/tmp/big.bin big.bin")
-    rig.wait_for(lambda: rig.size_of("server", "/srv/storage/.filesrv/partials/*.part")
-                 >= 32 * MiB, "the upload to be under way")
-    rig.kill_and_restart("server")
-    result = finished(put)
+    result = through_a_server_kill(
+        rig, "filesrv put --limit-rate 32M --retries 8 --json /tmp/big.bin big.bin",
+        "server", SERVER_PARTIALS)
     assert result["resumed_from"] > 0 and result["xxh128"] == digest
     rig.wait_healthy("server")
     assert rig.xxh128sum("server", "/srv/storage/big.bin") == digest
 
-    get = rig.sh_background("client", "filesrv get --limit-rate 32M --retries 8 --json "
-                            "big.bin /tmp/big-back.bin")
-    rig.wait_for(lambda: rig.size_of("client", "/tmp/.big-back.bin.filesrv-part")
-                 >= 32 * MiB, "the download to be under way")
-    rig.kill_and_restart("server")
-    result = finished(get)
+    result = through_a_server_kill(
+        rig, "filesrv get --limit-rate 32M --retries 8 --json big.bin /tmp/big-back.bin",
+        "client", "/tmp/.big-back.bin.filesrv-part")
     assert result["resumed_from"] > 0 and result["xxh128"] == digest
     assert rig.xxh128sum("client", "/tmp/big-back.bin") == digest
 
@@ -169,8 +170,7 @@ def test_client_disconnected_from_the_network_and_reconnected_resumes(rig: Rig):
     client = rig.container("client")
     put = rig.sh_background("client", "filesrv put --limit-rate 24M --timeout 3 --retries 8 "
                             "--json /tmp/net.bin net.bin")
-    rig.wait_for(lambda: rig.size_of("server", "/srv/storage/.filesrv/partials/*.part")
-                 >= 24 * MiB, "the upload to be under way")
+    rig.wait_until_grown("server", SERVER_PARTIALS, 24 * MiB, "the upload to be under way")
     subprocess.run(["docker", "network", "disconnect", network, client], check=True)
     time.sleep(5)  # longer than the client's --timeout: the connection is given up
     subprocess.run(["docker", "network", "connect", "--alias", "client", network, client],
@@ -222,8 +222,7 @@ def test_cut_on_one_replica_resumes_through_the_other(rig: Rig):
     digest = make_file(rig, "/tmp/rep.bin", 192)
     put = rig.sh_background("client", "filesrv put -s haproxy:8750 --limit-rate 32M "
                             "--retries 8 --json /tmp/rep.bin rep.bin")
-    rig.wait_for(lambda: rig.size_of("server-a", "/srv/storage/.filesrv/partials/*.part")
-                 >= 32 * MiB, "the upload to be under way")
+    rig.wait_until_grown("server-a", SERVER_PARTIALS, 32 * MiB, "the upload to be under way")
     victim = serving_replica(rig)
     survivor = "server-b" if victim == "server-a" else "server-a"
     rig.compose("kill", "-s", "SIGKILL", victim)
