@@ -468,18 +468,27 @@ class Client:
             hash_fd_range(partial.fd, 0, reply.offset, hasher, self._buffer(reply.offset))
         except (OSError, FilesrvError) as exc:
             raise LocalError(f"cannot read the partial download: {exc}") from None
-        self._receive_body(partial, reply.offset, reply.length, reply.size, hasher, progress)
-        if hasher.hexdigest() != reply.xxh128:
-            partial.reset()
+        if not self._receive_verified(partial, reply.offset, reply.length, reply.size, hasher,
+                                      reply.xxh128, progress):
             if reply.offset:
                 return None
-            raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not match "
-                                 "the server's; the partial was discarded")
+            raise _mismatch(remote)
         return reply.size, reply.offset, reply.xxh128
+
+    def _receive_verified(self, partial: "LocalPartial", offset: int, length: int, size: int,
+                          hasher: "xxhash.xxh3_128", digest: str, progress: Progress | None,
+                          limiter: RateLimiter | None = None) -> bool:
+        """Receive a body into the partial; False (the partial emptied) when the whole
+        file's XXH3-128, `hasher` fed with what came before `offset`, is not `digest`."""
+        self._receive_body(partial, offset, length, size, hasher, progress, limiter)
+        if hasher.hexdigest() == digest:
+            return True
+        partial.reset()
+        return False
 
     def _receive_body(self, partial: "LocalPartial", offset: int, length: int, size: int,
                       hasher: "xxhash.xxh3_128", progress: Progress | None,
-                      limiter: RateLimiter | None = None) -> None:
+                      limiter: RateLimiter | None) -> None:
         view = memoryview(self._buffer(length))
         channel = self.channel
         limiter = limiter or RateLimiter(self.limit_rate)
@@ -783,12 +792,9 @@ class Client:
         partial = LocalPartial(local, durable=False)  # flushed by the caller if at all
         try:
             partial.truncate(0)
-            hasher = xxhash.xxh3_128()
-            self._receive_body(partial, 0, size, size, hasher, None, limiter)
-            if hasher.hexdigest() != digest:
-                partial.reset()
-                raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
-                                     "match the server's; the partial was discarded")
+            if not self._receive_verified(partial, 0, size, size, xxhash.xxh3_128(), digest,
+                                          None, limiter):
+                raise _mismatch(remote)
         except BaseException:
             partial.close()
             raise
@@ -830,6 +836,11 @@ def plan_local_tree(local_dir: str) -> TreePlan:
             elif stat.S_ISLNK(st.st_mode):
                 links.append(prefix + name)
     return TreePlan(dirs, files, links)
+
+
+def _mismatch(remote: str) -> IntegrityError:
+    return IntegrityError(f"{remote}: XXH3-128 of the received bytes does not match the "
+                          "server's; the partial was discarded")
 
 
 def _tree_report(progress: Progress | None,

@@ -12,7 +12,7 @@ import socketserver
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import xxhash
 
@@ -334,21 +334,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _receive_file(self, fd: int, size: int) -> str:
         """Exactly `size` body bytes into fd; their XXH3-128."""
-        if self.buffer is None:
-            self.buffer = bytearray(self.options.buffer_size)
-        view = memoryview(self.buffer)
         hasher = xxhash.xxh3_128()
-        remaining = size
         try:
-            while remaining:
-                got = self.channel.read_body_into(view[: min(len(view), remaining)])
-                chunk = view[:got]
+            for chunk in self._body(size):
                 hasher.update(chunk)
                 done = 0
-                while done < got:
+                while done < len(chunk):
                     done += os.write(fd, chunk[done:])
-                remaining -= got
-                self.moved += got
         except OSError as exc:
             if isinstance(exc, (TimeoutError, ConnectionError)):
                 raise
@@ -398,16 +390,21 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.channel.send_frame(b"".join(pending))
 
     def _receive_into(self, upload: PartialUpload, length: int) -> None:
+        with self.server.abortable():
+            for chunk in self._body(length):
+                upload.write(chunk)
+
+    def _body(self, length: int) -> Iterator[memoryview]:
+        """The next `length` body bytes, a buffer at a time (each view is reused)."""
         if self.buffer is None:
             self.buffer = bytearray(self.options.buffer_size)
         view = memoryview(self.buffer)
         remaining = length
-        with self.server.abortable():
-            while remaining:
-                got = self.channel.read_body_into(view[: min(len(view), remaining)])
-                upload.write(view[:got])
-                remaining -= got
-                self.moved += got
+        while remaining:
+            got = self.channel.read_body_into(view[: min(len(view), remaining)])
+            remaining -= got
+            self.moved += got
+            yield view[:got]
 
     def _expect(self, kind: type) -> Any:
         request = parse_request(self.channel.read_header())

@@ -535,23 +535,25 @@ class BatchUpload:
         self.storage = storage
         self.received: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._temporaries: set[str] = set()  # created and not (yet) placed
-        self._last = ""
+
+    @staticmethod
+    def _name(index: int) -> str:
+        return f"batch-{os.getpid()}-{index}.part"
 
     def create(self, index: int) -> int:
         """A new temporary for the file at `index` of the request; its fd."""
-        name = f"batch-{os.getpid()}-{index}.part"
+        name = self._name(index)
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644, dir_fd=self.storage.partials_fd)
         except OSError as exc:
             raise io_error(exc, "creating a file") from None
         self._temporaries.add(name)
-        self._last = name
         return fd
 
     def received_whole(self, index: int, parts: tuple[str, ...]) -> None:
-        """The file last created holds all its bytes, verified."""
-        self.received[index] = (self._last, parts)
+        """The temporary of `index` holds all its bytes, verified."""
+        self.received[index] = (self._name(index), parts)
 
     def place_all(self) -> dict[int, FilesrvError]:
         """Flush, rename every verified file to its name, flush; errors by index."""
