@@ -187,15 +187,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="CA certificate(s) to verify the server with (default: the "
                              "system's store)")
 
-    overwrite = argparse.ArgumentParser(add_help=False)
-    policy = overwrite.add_mutually_exclusive_group()
+    transfer = argparse.ArgumentParser(add_help=False)  # what put and get share
+    transfer.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
+    policy = transfer.add_mutually_exclusive_group()
     policy.add_argument("--no-clobber", dest="overwrite", action="store_const",
                         const="no-clobber", help="leave an existing destination alone")
     policy.add_argument("--update", dest="overwrite", action="store_const", const="update",
                         help="transfer only when the destination's XXH3-128 differs")
-    overwrite.set_defaults(overwrite="replace")
+    transfer.set_defaults(overwrite="replace")
 
-    put = sub.add_parser("put", parents=[client_opts, overwrite], help="upload files",
+    put = sub.add_parser("put", parents=[client_opts, transfer], help="upload files",
                          usage="filesrv put [options] LOCAL [REMOTE]\n"
                                "       filesrv put [options] LOCAL... REMOTE_DIR",
                          description="Upload LOCAL to REMOTE (default: LOCAL's base name; a "
@@ -204,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "created; an existing file is replaced atomically unless "
                          "--no-clobber or --update says otherwise. Re-running an interrupted "
                          "put resumes it.")
-    put.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
     put.add_argument("-r", "--recursive", action="store_true",
                      help="upload the directory LOCAL as REMOTE (default: its name), over one "
                      "connection; empty directories are kept, files already there with the "
@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "symlinks are skipped, never followed")
     put.set_defaults(run=run_put)
 
-    get = sub.add_parser("get", parents=[client_opts, overwrite], help="download files",
+    get = sub.add_parser("get", parents=[client_opts, transfer], help="download files",
                          usage="filesrv get [options] REMOTE [LOCAL]\n"
                                "       filesrv get [options] REMOTE... LOCAL_DIR",
                          description="Download REMOTE to LOCAL (default: REMOTE's base name "
@@ -222,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
                          "replaced atomically unless --no-clobber or --update says otherwise. "
                          "Re-running an interrupted get resumes from the partial "
                          "'.NAME.filesrv-part' beside it.")
-    get.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
     get.add_argument("-r", "--recursive", action="store_true",
                      help="download the directory REMOTE as the directory LOCAL (default: its "
                      "name here; a LOCAL ending in / receives it inside), over one connection; "
