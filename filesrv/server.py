@@ -23,7 +23,7 @@ from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDi
                        PutFiles, Remove, Stat, check_version,
                        encode_frame, encode_listing, error_reply, greeting, ok_reply,
                        parse_path, parse_request, proof_matches)
-from .storage import TAKEOVER_SIGNAL, PartialUpload, Storage, io_error
+from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage, io_error
 from .transport import Channel, PeerClosed
 
 if TYPE_CHECKING:
@@ -351,43 +351,42 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _get_files(self, request: GetFiles) -> None:
         """Many files in one reply: a frame for each (its error, or its bytes after it)."""
-        storage = self.server.storage
         self.channel.send_header(ok_reply(count=len(request.files)))
         pending: list[bytes] = []  # small files leave in large sends, not one send each
         pending_bytes = 0
         for entry in request.files:
             try:
-                f = storage.open_for_read(parse_path(entry["path"]))
+                f = self.server.storage.open_for_read(parse_path(entry["path"]))
             except FilesrvError as exc:
                 pending.append(encode_frame(error_reply(exc)))
                 continue
             try:
-                if f.size <= _INLINE_BODY:
-                    data, digest = storage.read_small(f)
-                    if digest == entry["xxh128"]:
-                        data = b""
-                    pending.append(encode_frame(ok_reply(size=f.size, xxh128=digest,
-                                                         length=len(data))) + data)
-                    pending_bytes += len(data)
-                    self.moved += len(data)
-                    if pending_bytes < _BATCH_SEND_BYTES:
-                        continue
+                frame, tail = self._file_frame(f, entry["xxh128"])
+                pending.append(frame)
+                pending_bytes += len(frame)
+                if tail or pending_bytes >= _BATCH_SEND_BYTES:
                     self.channel.send_frame(b"".join(pending))
                     pending, pending_bytes = [], 0
-                    continue
-                digest = storage.digest_of(f)
-                length = 0 if digest == entry["xxh128"] else f.size
-                pending.append(encode_frame(ok_reply(size=f.size, xxh128=digest,
-                                                     length=length)))
-                self.channel.send_frame(b"".join(pending))
-                pending, pending_bytes = [], 0
-                if length:
-                    self._send_file(f.fd, 0, length)
+                if tail:
+                    self._send_file(f.fd, 0, tail)
             except FilesrvError as exc:  # e.g. it shrank while read: can no longer frame it
                 raise _CloseConnection(exc.code) from None
             finally:
                 f.close()
         self.channel.send_frame(b"".join(pending))
+
+    def _file_frame(self, f: ReadableFile, have: str | None) -> tuple[bytes, int]:
+        """A get_files frame for an open file (a small body inside it; none when the
+        client's copy `have` is current), and how many bytes must follow by sendfile."""
+        storage = self.server.storage
+        if f.size <= _INLINE_BODY:
+            data, digest = storage.read_small(f)
+            body = b"" if digest == have else data
+            self.moved += len(body)
+            return encode_frame(ok_reply(size=f.size, xxh128=digest, length=len(body))) + body, 0
+        digest = storage.digest_of(f)
+        length = 0 if digest == have else f.size
+        return encode_frame(ok_reply(size=f.size, xxh128=digest, length=length)), length
 
     def _receive_into(self, upload: PartialUpload, length: int) -> None:
         with self.server.abortable():
