@@ -479,17 +479,23 @@ def bench_trees(work: Path, servers: Servers, reps: int) -> str:
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     addr = f"127.0.0.1:{port}"
     run([*FILESRV, "put", "-r", "-s", addr, str(src), "seed"])  # what the gets fetch
+    # Every run writes a tree of its own and nothing is deleted until the series is over:
+    # after mass deletions this disk (ext4, discard) creates files 10-50x slower for
+    # seconds, and whoever ran next paid for the previous contender's cleanup.
+    fresh = iter(range(10**6))
     ups = [("filesrv put -r", lambda: run([*FILESRV, "put", "-r", "-s", addr, "--no-progress",
-                                          str(src), "up"]))]
+                                          str(src), f"up-{next(fresh)}"]))]
     downs = [("filesrv get -r", lambda: run([*FILESRV, "get", "-r", "-s", addr,
-                                            "--no-progress", "seed", str(base / "dl")]))]
+                                            "--no-progress", "seed",
+                                            str(base / f"dl-{next(fresh)}")]))]
     peers_note = []
     scp = start_sshd(base, servers)
     if scp:
         shutil.copytree(src, base / "ssh-seed")
-        ups.append(("scp -r", lambda: run([*scp, str(src), f"root@127.0.0.1:{base}/up"])))
+        ups.append(("scp -r", lambda: run([*scp, str(src),
+                                           f"root@127.0.0.1:{base}/up-{next(fresh)}"])))
         downs.append(("scp -r", lambda: run([*scp, f"root@127.0.0.1:{base}/ssh-seed",
-                                             str(base / "dl")])))
+                                             str(base / f"dl-{next(fresh)}")])))
     else:
         peers_note.append("scp -r skipped (needs openssh-server and openssh-client)")
     if shutil.which("rsync"):
@@ -501,20 +507,18 @@ def bench_trees(work: Path, servers: Servers, reps: int) -> str:
                        f"--port={rport}", "--address=127.0.0.1"], lambda p: rport)
         wait_listening(rport)
         url = f"rsync://127.0.0.1:{rport}/files"
-        ups.append(("rsync -r (daemon)", lambda: run(["rsync", "-r", f"{src}/", f"{url}/up/"])))
+        ups.append(("rsync -r (daemon)", lambda: run(["rsync", "-r", f"{src}/",
+                                                      f"{url}/up-{next(fresh)}/"])))
         downs.append(("rsync -r (daemon)", lambda: run(["rsync", "-r", f"{url}/src/",
-                                                        f"{base}/dl/"])))
+                                                        f"{base}/dl-{next(fresh)}/"])))
     else:
         peers_note.append("rsync skipped (needs rsync)")
     up_rows = [Row("put a 2,000-file tree", name, unit="files/s") for name, _ in ups]
     down_rows = [Row("get a 2,000-file tree", name, unit="files/s") for name, _ in downs]
     for r in up_rows + down_rows:
         r.amount = 2000
-    alternate(up_rows, [fn for _, fn in ups], reps,
-              lambda: shutil.rmtree(base / "up", ignore_errors=True)
-              or shutil.rmtree(srv / "up", ignore_errors=True))
-    alternate(down_rows, [fn for _, fn in downs], reps,
-              lambda: shutil.rmtree(base / "dl", ignore_errors=True))
+    alternate(up_rows, [fn for _, fn in ups], reps, lambda: None)
+    alternate(down_rows, [fn for _, fn in downs], reps, lambda: None)
     lines = ["", "| tree scenario | contender | files/s | median s | speed relative to filesrv |",
              "|---|---|---|---|---|"]
     goals = []
