@@ -412,11 +412,13 @@ def run_get_tree(args: argparse.Namespace) -> int:
     local = name if local is None else local + name if local.endswith(os.sep) else local
     started = time.monotonic()
     with _client(args) as client:
-        files = [e for e in client.ls(remote, recursive=True) if e.type == "file"]
+        listing = client.ls(remote, recursive=True)
+        files = [e for e in listing if e.type == "file"]
         with TreeProgress(f"get {remote}", sum(e.size for e in files), len(files),
                           args) as bar:
             results = client.get_tree(remote, local, progress=bar.file_progress,
-                                      overwrite=args.overwrite, on_file=bar.file_done)
+                                      overwrite=args.overwrite, on_file=bar.file_done,
+                                      listing=listing)
     _report_tree("downloaded", remote, results, time.monotonic() - started, args)
     return 0
 

@@ -190,6 +190,7 @@ class Client:
         self._ever_connected = False
         self.retries = retries
         self._buffers: dict[int, bytearray] = {}
+        self._sent_ahead: _SentAhead | None = None
 
     # ------------------------------------------------------------ connection
 
@@ -689,14 +690,15 @@ class Client:
 
     def get_tree(self, remote_dir: str, local_dir: str, *, progress: Progress | None = None,
                  overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
-                 = None) -> list[TransferResult]:
+                 = None, listing: list[Entry] | None = None) -> list[TransferResult]:
         """Download a directory tree over this connection; empty directories are kept.
 
         Local files with the same size and XXH3-128 as the remote ones are skipped.
         Small files come many to an exchange; larger ones one by one, resumable.
+        `listing`: the tree's `ls(remote_dir, recursive=True)` if the caller has it.
         """
         base = remote_dir.rstrip("/")
-        entries = self.ls(base, recursive=True)
+        entries = self.ls(base, recursive=True) if listing is None else listing
         for entry in entries:  # a hostile server must not steer writes out of local_dir
             try:
                 parse_path(entry.name)
@@ -713,9 +715,16 @@ class Client:
             elif entry.size <= BATCH_FILE_MAX:
                 small.append((_join(base, entry.name), local, entry.size))
         per_batch = DURABLE_BATCH_FILES if self.durable else MAX_BATCH_FILES
-        for batch in _batches(small, per_batch):
-            for result in self._retrying(lambda: self._get_batch(batch, overwrite)):
-                done(result)
+        batches = list(_batches(small, per_batch))
+        try:
+            for i, batch in enumerate(batches):
+                ahead = batches[i + 1] if i + 1 < len(batches) else None
+                for result in self._retrying(lambda: self._get_batch(batch, overwrite, ahead)):
+                    done(result)
+        finally:
+            if self._sent_ahead is not None:  # stopped early: its reply must not be read
+                self._sent_ahead = None       # as the answer to this client's next command
+                self.close()
         for entry in entries:
             if entry.type == "dir" or entry.size <= BATCH_FILE_MAX:
                 continue
@@ -726,28 +735,32 @@ class Client:
             done(self.get(_join(base, entry.name), local, progress=progress, overwrite=policy))
         return results
 
-    def _get_batch(self, batch: list[tuple[str, str, int]], overwrite: str
-                   ) -> list[TransferResult]:
-        """One get_files exchange; files the local side already has are not sent."""
+    def _get_batch(self, batch: list[tuple[str, str, int]], overwrite: str,
+                   ahead: list[tuple[str, str, int]] | None = None) -> list[TransferResult]:
+        """One get_files exchange; files the local side already has are not sent.
+
+        The request for the `ahead` batch goes out before this reply is read, so the
+        server prepares it while this one is written to disk.
+        """
         started = time.monotonic()
-        results: list[TransferResult | None] = []
-        wanted: list[tuple[str, str, str | None]] = []  # remote, local, digest we have
-        for remote, local, _ in batch:
-            kept = _existing_file(local)
-            if kept is not None and overwrite == NO_CLOBBER:
-                size, digest = kept
-                results.append(TransferResult(normalize_path(remote), size, 0, digest,
-                                              0.0, True))
-                continue
-            results.append(None)
-            wanted.append((remote, local, None if kept is None else kept[1]))
-        if wanted:
-            self._request(GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]
-                                   ).frame())
-            check_reply(self._read())
-            received = iter(self._receive_files(wanted, started))
-            results = [r if r is not None else next(received) for r in results]
-        return results  # type: ignore[return-value]
+        sent = self._sent_ahead
+        self._sent_ahead = None
+        if sent is not None and sent.batch is batch and sent.channel is self._channel:
+            plan = sent.plan  # requested on this connection with the previous batch
+        else:
+            plan = _plan_get_batch(batch, overwrite)
+            if plan.wanted:
+                self._request(plan.request)
+        if ahead is not None and self._channel is not None:
+            upcoming = _plan_get_batch(ahead, overwrite)
+            if upcoming.wanted:
+                self._send(upcoming.request)
+            self._sent_ahead = _SentAhead(self._channel, ahead, upcoming)
+        if not plan.wanted:
+            return plan.kept  # type: ignore[return-value]
+        check_reply(self._read())
+        received = iter(self._receive_files(plan.wanted, started))
+        return [r if r is not None else next(received) for r in plan.kept]
 
     def _receive_files(self, wanted: list[tuple[str, str, str | None]], started: float
                        ) -> list[TransferResult]:
@@ -805,6 +818,38 @@ class Client:
             return self.ls(remote_dir, recursive=True)
         except NotFound:
             return []
+
+
+class _GetPlan(NamedTuple):
+    """A get_files batch as requested: results known without asking (None: wanted),
+    the (remote, local, digest of the local copy) wanted, and the request frame."""
+
+    kept: list[TransferResult | None]
+    wanted: list[tuple[str, str, str | None]]
+    request: bytes
+
+
+class _SentAhead(NamedTuple):
+    """A get_files request sent before the previous batch's reply was read."""
+
+    channel: Channel
+    batch: list[tuple[str, str, int]]
+    plan: _GetPlan
+
+
+def _plan_get_batch(batch: list[tuple[str, str, int]], overwrite: str) -> _GetPlan:
+    kept: list[TransferResult | None] = []
+    wanted: list[tuple[str, str, str | None]] = []
+    for remote, local, _ in batch:
+        existing = _existing_file(local)
+        if existing is not None and overwrite == NO_CLOBBER:
+            size, digest = existing
+            kept.append(TransferResult(normalize_path(remote), size, 0, digest, 0.0, True))
+            continue
+        kept.append(None)
+        wanted.append((remote, local, None if existing is None else existing[1]))
+    request = GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]).frame()
+    return _GetPlan(kept, wanted, request)
 
 
 class TreePlan(NamedTuple):

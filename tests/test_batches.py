@@ -10,6 +10,7 @@ import xxhash
 
 from conftest import (RawConnection, cli, kill_when, random_file, start_cli, upload_partial_over,
                       wait_for, xxh128_of)
+from filesrv.client import Client
 from filesrv.protocol import Data, GetFiles, PutFiles, encode_frame
 
 
@@ -39,6 +40,32 @@ def test_small_files_of_a_tree_travel_many_to_an_exchange(daemon, tmp_path):
     ops = logged_ops(daemon)
     assert ops.count("put") == 1 and ops.count("get") == 1  # only the big file alone
     assert 1 <= ops.count("put_files") <= 2 and 1 <= ops.count("get_files") <= 2
+
+
+def test_get_r_lists_the_remote_tree_once(daemon, tmp_path):
+    small_tree(daemon.root / "t", 40)
+    cli("get", "-s", daemon.address, "-r", "t", str(tmp_path / "copy"))
+    assert digests_under(tmp_path / "copy") == digests_under(daemon.root / "t")
+    assert logged_ops(daemon).count("ls") == 1  # the progress bar's totals come from it too
+
+
+def test_a_tree_download_stopped_early_leaves_the_client_in_step(daemon, tmp_path):
+    """A batch requested ahead must not be taken for the answer to the next command."""
+    for i in range(20):  # two batches
+        random_file(daemon.root / "t" / f"f{i:02d}.bin", 600 * 1024)
+    random_file(daemon.root / "other.bin", 100)
+
+    def stop(result: Any) -> None:
+        raise KeyboardInterrupt
+
+    with Client("127.0.0.1", daemon.port) as client:
+        try:
+            client.get_tree("t", str(tmp_path / "copy"), on_file=stop)
+            raise AssertionError("on_file's interruption did not stop the download")
+        except KeyboardInterrupt:
+            pass
+        assert client.stat("other.bin").size == 100
+        assert [e.name for e in client.ls("t")][:2] == ["f00.bin", "f01.bin"]
 
 
 def test_put_files_places_the_good_files_and_refuses_a_wrong_digest(daemon):

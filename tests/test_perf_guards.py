@@ -190,3 +190,77 @@ def test_get_r_with_fsync_flushes_a_batch_at_once_not_each_file(daemon, tmp_path
         assert xxh128_of(tmp_path / "copy" / p.relative_to(daemon.root / "t")) == xxh128_of(p)
     batches = -(-300 // 256)  # DURABLE_BATCH_FILES a batch
     assert calls["fsync"] == 0 and calls["flush_filesystem"] == 2 * batches, calls
+
+
+class HoldingRelay:
+    """A loopback relay to a daemon that lets no byte of the first get_files reply through
+    until the client has sent a second get_files request (or `patience` seconds pass)."""
+
+    def __init__(self, upstream_port: int, patience: float = 10.0) -> None:
+        from filesrv.protocol import FrameBuffer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(10)
+        self.port = self.listener.getsockname()[1]
+        self.upstream_port = upstream_port
+        self.patience = patience
+        self.requests = FrameBuffer()
+        self.get_files_seen = 0
+        self.first_asked = threading.Event()
+        self.second_asked = threading.Event()
+        self.threads = [threading.Thread(target=self._run)]
+        self.threads[0].start()
+
+    def _run(self) -> None:
+        client, _ = self.listener.accept()
+        server = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=10)
+        down = threading.Thread(target=self._downstream, args=(server, client))
+        down.start()
+        self.threads.append(down)
+        with client, server:
+            client.settimeout(30)
+            while data := client.recv(65536):  # the client's side ends when it closes
+                self._count(data)  # before forwarding: no reply can precede the count
+                server.sendall(data)
+            server.shutdown(socket.SHUT_WR)
+            down.join(timeout=30)
+
+    def _count(self, data: bytes) -> None:
+        self.requests.feed(data)
+        while (header := self.requests.next_header()) is not None:
+            if header.get("op") == "get_files":
+                self.get_files_seen += 1
+                (self.first_asked if self.get_files_seen == 1 else self.second_asked).set()
+
+    def _downstream(self, server: socket.socket, client: socket.socket) -> None:
+        server.settimeout(30)
+        held = False
+        try:
+            while data := server.recv(65536):
+                if self.first_asked.is_set() and not held:
+                    self.second_asked.wait(self.patience)
+                    held = True
+                client.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for t in self.threads:
+            t.join(timeout=30)
+        self.listener.close()
+
+
+def test_get_r_asks_for_the_next_batch_before_reading_this_one(daemon, tmp_path: Path):
+    """The server prepares batch k+1 while the client writes batch k to disk."""
+    for i in range(20):  # 20 x 600 KiB: two batches of at most 8 MiB
+        random_file(daemon.root / "t" / f"f{i:02d}.bin", 600 * 1024)
+    relay = HoldingRelay(daemon.port)
+    try:
+        with Client("127.0.0.1", relay.port, timeout=30, retries=0) as client:
+            results = client.get_tree("t", str(tmp_path / "copy"))
+    finally:
+        relay.close()
+    assert len(results) == 20
+    for p in (daemon.root / "t").iterdir():
+        assert xxh128_of(tmp_path / "copy" / p.name) == xxh128_of(p)
+    # the second request was sent before a byte of the first reply was let through
+    assert relay.get_files_seen == 2 and relay.second_asked.is_set()
