@@ -269,38 +269,52 @@ class Storage:
     def list_dir(self, parts: tuple[str, ...], recursive: bool = False) -> list[Entry]:
         """Entries of one directory, or (recursive) of its whole tree with relative names.
 
-        A recursive walk does not descend into symlinked directories (no cycles).
+        A recursive walk does not descend into symlinked directories (no cycles). Each
+        subdirectory is opened from its parent's fd (O_NOFOLLOW), not resolved again from
+        the root, and only the directories on the current path are held open.
         """
         entries: list[Entry] = []
-        pending = [("", parts)]
-        while pending:
-            prefix, where = pending.pop()
-            for entry in self._list_one(where):
-                entries.append(entry._replace(name=prefix + entry.name))
-                if recursive and entry.type == "dir" and not self._is_link(where, entry.name):
-                    pending.append((prefix + entry.name + "/", where + (entry.name,)))
+        top_fd = self._open_dir(parts)
+        subdirs = self._list_one(parts, top_fd, "", entries)
+        # depth first: (fd, path parts, name prefix, subdirectories still to visit)
+        stack = [(top_fd, parts, "", iter(subdirs if recursive else []))]
+        try:
+            while stack:
+                dir_fd, where, prefix, todo = stack[-1]
+                name = next(todo, None)
+                if name is None:
+                    os.close(stack.pop()[0])
+                    continue
+                try:
+                    sub_fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                except OSError:
+                    continue  # removed, or replaced by a symlink, since it was listed
+                sub_parts, sub_prefix = where + (name,), f"{prefix}{name}/"
+                stack.append((sub_fd, sub_parts, sub_prefix,
+                              iter(self._list_one(sub_parts, sub_fd, sub_prefix, entries))))
+        finally:
+            for dir_fd, *_ in stack:
+                os.close(dir_fd)
         entries.sort(key=lambda e: e.name)
         return entries
 
-    def _is_link(self, where: tuple[str, ...], name: str) -> bool:
-        return self.stat_entry(where + (name,), follow=False)[0] == "link"
+    def _list_one(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
+                  entries: list[Entry]) -> list[str]:
+        """Append one directory's entries (names after `prefix`); its real subdirectories."""
+        subdirs = []
+        with os.scandir(dir_fd) as it:
+            for item in it:
+                if not parts and item.name == RESERVED_NAME:
+                    continue
+                entry = self._entry(parts, item, prefix + item.name)
+                if entry is None:
+                    continue
+                entries.append(entry)
+                if entry.type == "dir" and item.is_dir(follow_symlinks=False):
+                    subdirs.append(item.name)
+        return subdirs
 
-    def _list_one(self, parts: tuple[str, ...]) -> list[Entry]:
-        dir_fd = self._open_dir(parts)
-        entries = []
-        try:
-            with os.scandir(dir_fd) as it:
-                for item in it:
-                    if not parts and item.name == RESERVED_NAME:
-                        continue
-                    entry = self._entry(parts, item)
-                    if entry is not None:
-                        entries.append(entry)
-        finally:
-            os.close(dir_fd)
-        return entries
-
-    def _entry(self, parts: tuple[str, ...], item: os.DirEntry) -> Entry | None:
+    def _entry(self, parts: tuple[str, ...], item: os.DirEntry, name: str) -> Entry | None:
         try:
             st = item.stat(follow_symlinks=False)
             if stat.S_ISLNK(st.st_mode):
@@ -308,9 +322,9 @@ class Storage:
         except (OSError, FilesrvError):
             return None  # dangling, or leading outside the root: not ours to show
         if stat.S_ISDIR(st.st_mode):
-            return Entry(item.name, "dir", 0, st.st_mtime)
+            return Entry(name, "dir", 0, st.st_mtime)
         if stat.S_ISREG(st.st_mode):
-            return Entry(item.name, "file", st.st_size, st.st_mtime)
+            return Entry(name, "file", st.st_size, st.st_mtime)
         return None
 
     # ------------------------------------------------------------ management
