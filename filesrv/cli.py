@@ -399,7 +399,7 @@ def run_put_tree(args: argparse.Namespace) -> int:
     with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
                                                args) as bar:
         results = client.put_tree(local_dir, remote, progress=bar.file_progress,
-                                  overwrite=args.overwrite, on_file=bar.file_done)
+                                  overwrite=args.overwrite, on_file=bar.file_done, plan=plan)
     _report_tree("uploaded", remote, results, time.monotonic() - started, args)
     return 0
 
@@ -531,11 +531,8 @@ def run_hash(args: argparse.Namespace) -> int:
                 continue
             if not args.recursive:
                 raise IsADirectory(f"{remote} is a directory (use -r)")
-            base = remote.rstrip("/")
-            for entry in client.ls(remote, recursive=True):
-                if entry.type == "file":
-                    path = f"{base}/{entry.name}" if base else entry.name
-                    _print_digest(args, entry.name, entry.size, client.hash(path))
+            for name, size, digest in client.hash_tree(remote):
+                _print_digest(args, name, size, digest)
     return 0
 
 

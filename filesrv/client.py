@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import stat
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
@@ -50,6 +51,7 @@ BATCH_FILE_MAX = 1024 * 1024
 BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MANIFEST_BYTES = 48 * 1024
 DURABLE_BATCH_FILES = 256  # with --fsync a batch's partials stay open until one flush
+AHEAD_BYTES = 32 * 1024   # requests sent before their replies are read (PROTOCOL.md 2.5)
 
 if TYPE_CHECKING:
     import ssl
@@ -404,6 +406,33 @@ class Client:
             raise IsADirectory(f"{path!r} is a directory")
         return info.xxh128
 
+    def hash_tree(self, remote_dir: str) -> Iterator[tuple[str, int, str]]:
+        """(name relative to remote_dir, size, XXH3-128) of every file in a tree.
+
+        The stat requests go out many at a time (up to AHEAD_BYTES), not a round
+        trip each.
+        """
+        base = remote_dir.rstrip("/")
+        files = [e for e in self.ls(base, recursive=True) if e.type == "file"]
+        start = 0
+        while start < len(files):
+            frames, end, size = [], start, 0
+            while end < len(files) and size < AHEAD_BYTES:
+                frames.append(Stat(path=_join(base, files[end].name)).frame())
+                size += len(frames[-1])
+                end += 1
+            self._request(b"".join(frames))
+            for entry in files[start:end]:
+                try:
+                    info = parse_stat_reply(self._read())
+                    if info.xxh128 is None:
+                        raise IsADirectory(f"{entry.name!r} became a directory")
+                except FilesrvError:
+                    self.close()  # the other replies of this run are unread
+                    raise
+                yield entry.name, info.size, info.xxh128
+            start = end
+
     def rm(self, path: str, recursive: bool = False) -> int:
         """Delete a file (or with recursive, a directory tree); how many entries went."""
         parse_path(path, allow_root=True)
@@ -616,16 +645,28 @@ class Client:
 
     def put_tree(self, local_dir: str, remote_dir: str, *, progress: Progress | None = None,
                  overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
-                 = None) -> list[TransferResult]:
+                 = None, plan: TreePlan | None = None) -> list[TransferResult]:
         """Upload a directory tree over this connection; empty directories are kept.
 
         Files already present with the same size and XXH3-128 are skipped, so a re-run
         after an interruption moves only the rest (and resumes the large file that was
         cut). Small files go many to an exchange. Symlinks are never followed: they are
-        skipped (see TreePlan.skipped_links).
+        skipped (see TreePlan.skipped_links). `plan`: plan_local_tree(local_dir) if the
+        caller has it.
         """
-        plan = plan_local_tree(local_dir)
+        plan = plan_local_tree(local_dir) if plan is None else plan
         base = remote_dir.rstrip("/")
+        small = [(os.path.join(local_dir, rel), _join(base, rel), size)
+                 for rel, size in plan.files if size <= BATCH_FILE_MAX]
+        batches = list(_batches(small))
+        reads: dict[int, _InThread] = {}
+
+        def read_ahead(i: int) -> None:
+            # batch i is read and hashed while the server still works on batch i - 1
+            if i < len(batches) and i not in reads:
+                reads[i] = _InThread(_read_batch, batches[i])
+
+        read_ahead(0)  # while the remote tree is listed
         remote = {e.name: e for e in self._tree_or_empty(base)}
         if base and not remote:
             self.mkdir(base, parents=True)  # even an empty tree arrives
@@ -636,21 +677,11 @@ class Client:
                 self.mkdir(_join(base, rel), parents=True)
         skip = SKIP_EXISTING if overwrite == NO_CLOBBER else SKIP_IDENTICAL
         results, done = _tree_report(progress, on_file)
-
-        small = [(os.path.join(local_dir, rel), _join(base, rel), size)
-                 for rel, size in plan.files if size <= BATCH_FILE_MAX]
-        # the next batch is read and hashed while the server places this one
-        from concurrent.futures import ThreadPoolExecutor
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            batches = iter(_batches(small))
-            upcoming = reader.submit(_read_batch, next(batches, []))
-            while True:
-                prepared = upcoming.result()
-                if not prepared[0]:
-                    break
-                upcoming = reader.submit(_read_batch, next(batches, []))
-                for result in self._retrying(lambda: self._put_batch(*prepared, skip)):
-                    done(result)
+        for i in range(len(batches)):
+            prepared = reads.pop(i).result()
+            for result in self._retrying(
+                    lambda: self._put_batch(prepared, skip, lambda: read_ahead(i + 1))):
+                done(result)
         for rel, size in plan.files:
             if size <= BATCH_FILE_MAX:
                 continue
@@ -662,11 +693,16 @@ class Client:
                           overwrite=policy))
         return results
 
-    def _put_batch(self, manifest: list[dict[str, Any]], bodies: list[bytes], skip: str
+    def _put_batch(self, prepared: "_PutBatch", skip: str, sent: Callable[[], None]
                    ) -> list[TransferResult]:
-        """One put_files exchange; the server says which files it lacks."""
+        """One put_files exchange; the server says which files it lacks.
+
+        `sent` runs once the bodies are out, while the server writes and places them.
+        """
         started = time.monotonic()
-        self._request(PutFiles(manifest, skip).frame())
+        manifest, bodies = prepared.manifest, prepared.bodies
+        self._request(prepared.request if skip == SKIP_IDENTICAL
+                      else PutFiles(manifest, skip).frame())
         need = parse_need_reply(self._read(), len(manifest))
         pending = [Data(length=sum(len(bodies[i]) for i in need)).frame()]
         pending_bytes = 0
@@ -679,6 +715,7 @@ class Client:
                 self._send(b"".join(pending))
                 pending, pending_bytes = [], 0
         self._send(b"".join(pending))
+        sent()
         failed = parse_placed_reply(self._read(), len(manifest))
         if failed:
             index, error = min(failed.items())
@@ -925,16 +962,45 @@ def _batches(items: list[tuple[str, str, int]], max_files: int = MAX_BATCH_FILES
         yield batch
 
 
-def _read_batch(batch: list[tuple[str, str, int]]
-                ) -> tuple[list[dict[str, Any]], list[bytes]]:
-    """The put_files manifest of a batch, and the bodies it describes."""
+class _PutBatch(NamedTuple):
+    """A put_files batch read from disk: its manifest, bodies and request frame."""
+
+    manifest: list[dict[str, Any]]
+    bodies: list[bytes]
+    request: bytes  # with skip "identical", the default
+
+
+def _read_batch(batch: list[tuple[str, str, int]]) -> _PutBatch:
+    """Read and hash the files of a batch, and frame the put_files request for them."""
     manifest, bodies = [], []
     for local, remote, _ in batch:
         body = _read_small_file(local)
         bodies.append(body)
         manifest.append({"path": remote, "size": len(body),
                          "xxh128": xxhash.xxh3_128_hexdigest(body)})
-    return manifest, bodies
+    return _PutBatch(manifest, bodies, PutFiles(manifest, SKIP_IDENTICAL).frame())
+
+
+class _InThread:
+    """fn(arg) running in a thread of its own; result() waits and re-raises its error."""
+
+    def __init__(self, fn: Callable[[Any], _T], arg: Any) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(fn, arg), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        try:
+            self._outcome = (True, fn(arg))
+        except BaseException as exc:  # handed to the caller of result()
+            self._outcome = (False, exc)
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
 
 
 def _place_and_close(partial: "LocalPartial") -> None:

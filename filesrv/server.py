@@ -294,16 +294,12 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         storage = self.server.storage
         files = [(parse_path(f["path"]), f["size"], f["xxh128"]) for f in request.files]
         limit = self.options.max_file_size
-        failed: dict[int, FilesrvError] = {}
-        need = []
-        for index, (parts, size, digest) in enumerate(files):
-            try:
-                if limit is not None and size > limit:
-                    raise TooLarge(f"{size} bytes exceeds the server's limit of {limit}")
-                if not storage.has_file(parts, size, digest, request.skip):
-                    need.append(index)
-            except FilesrvError as exc:
-                failed[index] = exc
+        failed: dict[int, FilesrvError] = {
+            index: TooLarge(f"{size} bytes exceeds the server's limit of {limit}")
+            for index, (_, size, _) in enumerate(files) if limit is not None and size > limit}
+        need, refused = storage.lacking(
+            {index: f for index, f in enumerate(files) if index not in failed}, request.skip)
+        failed.update(refused)
         self.channel.send_header(ok_reply(need=need))
         batch = storage.begin_batch()
         try:

@@ -47,6 +47,10 @@ def io_error(exc: OSError, what: str) -> FilesrvError:
     return IoError(f"I/O error while {what}: {exc.strerror}")
 
 
+class _SymlinkAtName(Exception):
+    """The final name is a symlink (open_for_read resolves it; a cached parent cannot)."""
+
+
 class ReadableFile(NamedTuple):
     """A regular file opened for serving; `etag` names this version of it."""
 
@@ -187,7 +191,17 @@ class Storage:
         resolved = self._resolve(parts)
         assert resolved is not None
         parent_fd, name = resolved
-        shown = "/".join(parts)
+        try:
+            return self._open_readable(parent_fd, name, "/".join(parts))
+        except _SymlinkAtName:  # _resolve followed the link: a new one appeared since
+            raise BadPath(f"{'/'.join(parts)!r} changed while the path was resolved"
+                          ) from None
+        finally:
+            os.close(parent_fd)
+
+    @staticmethod
+    def _open_readable(parent_fd: int, name: str, shown: str) -> ReadableFile:
+        """The regular file `name` in parent_fd, never through a symlink."""
         try:
             # O_NONBLOCK: opening a FIFO someone placed in the root must not hang us
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
@@ -196,10 +210,8 @@ class Storage:
             raise NotFound(f"no such file: {shown!r}") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise BadPath(f"{shown!r} changed while the path was resolved") from None
+                raise _SymlinkAtName(shown) from None
             raise io_error(exc, "opening a file") from None
-        finally:
-            os.close(parent_fd)
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
@@ -436,19 +448,54 @@ class Storage:
                              ).hexdigest()[:40]
         return PartialUpload(self, parts, size, f"{key}.part")
 
-    def has_file(self, parts: tuple[str, ...], size: int, digest: str, skip: str) -> bool:
-        """put_files: does the final name already hold what is to be kept?
+    def lacking(self, files: dict[int, tuple[tuple[str, ...], int, str]], skip: str
+                ) -> tuple[list[int], dict[int, FilesrvError]]:
+        """put_files: which files (by index) must be sent, and which cannot be put.
 
-        skip SKIP_EXISTING: any file there counts; else only one with this size and digest.
+        A name that holds a file to keep (skip SKIP_EXISTING: any file; else one with
+        this size and digest) is not needed. Each directory is resolved once a batch.
         """
+        need: list[int] = []
+        failed: dict[int, FilesrvError] = {}
+        parents: dict[tuple[str, ...], int | None] = {}  # None: not there (yet)
         try:
-            f = self.open_for_read(parts)
-        except NotFound:
-            return False
-        try:
-            return skip == SKIP_EXISTING or (f.size == size and self.digest_of(f) == digest)
+            for index, (parts, size, digest) in files.items():
+                try:
+                    f = self._open_kept(parts, parents)
+                except NotFound:
+                    need.append(index)
+                    continue
+                except FilesrvError as exc:
+                    failed[index] = exc
+                    continue
+                try:
+                    if not (skip == SKIP_EXISTING
+                            or (f.size == size and self.digest_of(f) == digest)):
+                        need.append(index)
+                finally:
+                    f.close()
         finally:
-            f.close()
+            for fd in parents.values():
+                if fd is not None:
+                    os.close(fd)
+        return need, failed
+
+    def _open_kept(self, parts: tuple[str, ...],
+                   parents: dict[tuple[str, ...], int | None]) -> ReadableFile:
+        """open_for_read through a cache of resolved parent directories."""
+        where = parts[:-1]
+        if where not in parents:
+            try:
+                parents[where] = self._open_dir(where)
+            except NotFound:
+                parents[where] = None
+        parent_fd = parents[where]
+        if parent_fd is None:
+            raise NotFound(f"no such file: {'/'.join(parts)!r}")
+        try:
+            return self._open_readable(parent_fd, parts[-1], "/".join(parts))
+        except _SymlinkAtName:
+            return self.open_for_read(parts)  # resolved (and confined) the long way
 
     def begin_batch(self) -> "BatchUpload":
         return BatchUpload(self)

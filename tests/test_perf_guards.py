@@ -192,9 +192,10 @@ def test_get_r_with_fsync_flushes_a_batch_at_once_not_each_file(daemon, tmp_path
     assert calls["fsync"] == 0 and calls["flush_filesystem"] == 2 * batches, calls
 
 
-class HoldingRelay:
-    """A loopback relay to a daemon that lets no byte of the first get_files reply through
-    until the client has sent a second get_files request (or `patience` seconds pass)."""
+class Relay:
+    """A loopback relay to a daemon that counts the reads of the client's bytes, and lets
+    no byte of a first get_files reply through until the client has sent a second
+    get_files request (or `patience` seconds pass)."""
 
     def __init__(self, upstream_port: int, patience: float = 10.0) -> None:
         from filesrv.protocol import FrameBuffer
@@ -205,6 +206,7 @@ class HoldingRelay:
         self.patience = patience
         self.requests = FrameBuffer()
         self.get_files_seen = 0
+        self.client_reads = 0
         self.first_asked = threading.Event()
         self.second_asked = threading.Event()
         self.threads = [threading.Thread(target=self._run)]
@@ -219,6 +221,7 @@ class HoldingRelay:
         with client, server:
             client.settimeout(30)
             while data := client.recv(65536):  # the client's side ends when it closes
+                self.client_reads += 1
                 self._count(data)  # before forwarding: no reply can precede the count
                 server.sendall(data)
             server.shutdown(socket.SHUT_WR)
@@ -253,7 +256,7 @@ def test_get_r_asks_for_the_next_batch_before_reading_this_one(daemon, tmp_path:
     """The server prepares batch k+1 while the client writes batch k to disk."""
     for i in range(20):  # 20 x 600 KiB: two batches of at most 8 MiB
         random_file(daemon.root / "t" / f"f{i:02d}.bin", 600 * 1024)
-    relay = HoldingRelay(daemon.port)
+    relay = Relay(daemon.port)
     try:
         with Client("127.0.0.1", relay.port, timeout=30, retries=0) as client:
             results = client.get_tree("t", str(tmp_path / "copy"))
@@ -264,3 +267,18 @@ def test_get_r_asks_for_the_next_batch_before_reading_this_one(daemon, tmp_path:
         assert xxh128_of(tmp_path / "copy" / p.name) == xxh128_of(p)
     # the second request was sent before a byte of the first reply was let through
     assert relay.get_files_seen == 2 and relay.second_asked.is_set()
+
+
+def test_hash_r_sends_its_stat_requests_many_at_a_time(daemon, tmp_path: Path):
+    for i in range(300):
+        random_file(daemon.root / "t" / f"d{i % 4}" / f"f{i:03d}.bin", 100 + i)
+    relay = Relay(daemon.port)
+    try:
+        with Client("127.0.0.1", relay.port, timeout=30, retries=0) as client:
+            digests = {name: digest for name, _, digest in client.hash_tree("t")}
+    finally:
+        relay.close()
+    assert digests == {str(p.relative_to(daemon.root / "t")): xxh128_of(p)
+                       for p in (daemon.root / "t").rglob("*.bin")}
+    # one request a round trip would take 300 reads; 32 KiB of them at once, a few
+    assert relay.client_reads <= 30, relay.client_reads

@@ -167,3 +167,28 @@ def test_upload_to_a_symlink_inside_the_root_replaces_its_target(root: Path):
     upload(s, ("alias.txt",), b"new contents")
     assert (root / "alias.txt").is_symlink()
     assert (root / "dir" / "inside.txt").read_bytes() == b"new contents"
+
+
+def test_lacking_names_the_files_a_batch_must_send_and_the_names_that_cannot_take_one(
+        root: Path, tmp_path: Path):
+    storage = Storage(str(root))
+    inside = xxhash.xxh3_128(b"inside").hexdigest()
+    (root / "dir" / "link.txt").symlink_to("inside.txt")
+    (root / "dir" / "escape.txt").symlink_to(tmp_path / "outside" / "secret.txt")
+    (root / "dir" / "sub").mkdir()
+    files = {
+        0: (("dir", "inside.txt"), 6, inside),            # the same bytes: kept
+        1: (("dir", "inside.txt"), 6, "0" * 32),          # other bytes: needed
+        2: (("dir", "new.txt"), 6, inside),                # no file there: needed
+        3: (("nodir", "deeper", "new.txt"), 6, inside),    # no parent yet: needed
+        4: (("dir", "link.txt"), 6, inside),              # a link inside the root to it: kept
+        5: (("dir", "sub"), 6, inside),                   # a directory: cannot
+        6: (("dir", "inside.txt", "x"), 6, inside),       # under a file: cannot
+        7: (("dir", "escape.txt"), 6, inside),            # a link out of the root: cannot
+    }
+    need, failed = storage.lacking(files, "identical")
+    assert need == [1, 2, 3]
+    assert isinstance(failed[5], IsADirectory) and isinstance(failed[6], NotADirectory)
+    assert isinstance(failed[7], BadPath) and sorted(failed) == [5, 6, 7]
+    need, failed = storage.lacking({0: files[1], 1: files[2]}, "existing")
+    assert need == [1] and not failed  # any file at the name is kept
