@@ -21,7 +21,7 @@ import signal
 import stat
 import struct
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import xxhash
 
@@ -286,11 +286,14 @@ class Storage:
         the root, and only the directories on the current path are held open.
         """
         entries: list[Entry] = []
-        top_fd = self._open_dir(parts)
-        subdirs = self._list_one(parts, top_fd, "", entries)
-        # depth first: (fd, path parts, name prefix, subdirectories still to visit)
-        stack = [(top_fd, parts, "", iter(subdirs if recursive else []))]
+        # depth first: (fd, path parts, name prefix, subdirectories still to visit); a
+        # directory is on the stack before it is listed, so its fd is closed if that fails
+        stack: list[tuple[int, tuple[str, ...], str, Iterator[str]]] = []
         try:
+            top_fd = self._open_dir(parts)
+            stack.append((top_fd, parts, "", iter(())))
+            subdirs = self._list_one(parts, top_fd, "", entries)
+            stack[-1] = (top_fd, parts, "", iter(subdirs if recursive else ()))
             while stack:
                 dir_fd, where, prefix, todo = stack[-1]
                 name = next(todo, None)
@@ -299,11 +302,18 @@ class Storage:
                     continue
                 try:
                     sub_fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-                except OSError:
-                    continue  # removed, or replaced by a symlink, since it was listed
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # removed since it was listed
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        continue  # replaced by a symlink since it was listed
+                    raise
                 sub_parts, sub_prefix = where + (name,), f"{prefix}{name}/"
-                stack.append((sub_fd, sub_parts, sub_prefix,
-                              iter(self._list_one(sub_parts, sub_fd, sub_prefix, entries))))
+                stack.append((sub_fd, sub_parts, sub_prefix, iter(())))
+                listed = self._list_one(sub_parts, sub_fd, sub_prefix, entries)
+                stack[-1] = (sub_fd, sub_parts, sub_prefix, iter(listed))
+        except OSError as exc:  # e.g. a directory the daemon may not read: say so
+            raise io_error(exc, "listing a directory") from None
         finally:
             for dir_fd, *_ in stack:
                 os.close(dir_fd)

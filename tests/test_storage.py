@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from filesrv.errors import (BadPath, IntegrityError, IsADirectory, NotADirectory,
+from filesrv.errors import (BadPath, IntegrityError, IoError, IsADirectory, NotADirectory,
                             NotFound)
 from filesrv.storage import Storage
 
@@ -192,3 +192,22 @@ def test_lacking_names_the_files_a_batch_must_send_and_the_names_that_cannot_tak
     assert isinstance(failed[7], BadPath) and sorted(failed) == [5, 6, 7]
     need, failed = storage.lacking({0: files[1], 1: files[2]}, "existing")
     assert need == [1] and not failed  # any file at the name is kept
+
+
+def test_a_directory_the_daemon_cannot_read_fails_the_listing_cleanly(root: Path, monkeypatch):
+    # root reads every directory, so the refusal is simulated at the one call that lists
+    (root / "dir" / "locked" / "deeper").mkdir(parents=True)
+    storage = Storage(str(root))
+    real_scandir = os.scandir
+
+    def scandir(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(fd)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(IoError, match="listing a directory: Permission denied"):
+        storage.list_dir((), recursive=True)
+    assert len(os.listdir("/proc/self/fd")) == open_before  # no directory fd left open
+    assert [e.name for e in storage.list_dir(("dir",))] == ["inside.txt", "locked"]
