@@ -949,8 +949,7 @@ def _batches(items: list[tuple[str, str, int]], max_files: int = MAX_BATCH_FILES
     total = manifest = 0
     for item in items:
         size = item[2]
-        entry = 80 + max(len(json.dumps(name, ensure_ascii=False).encode())
-                         for name in item[:2])
+        entry = 80 + max(_json_size(item[0]), _json_size(item[1]))
         if batch and (total + size > BATCH_BYTES or len(batch) == max_files
                       or manifest + entry > BATCH_MANIFEST_BYTES):
             yield batch
@@ -968,6 +967,13 @@ class _PutBatch(NamedTuple):
     manifest: list[dict[str, Any]]
     bodies: list[bytes]
     request: bytes  # with skip "identical", the default
+
+
+def _json_size(text: str) -> int:
+    """Bytes of `text` as a JSON string (UTF-8, ensure_ascii=False), quotes included."""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return len(text.encode()) + 2  # nothing to escape: the common case, 10x cheaper
+    return len(json.dumps(text, ensure_ascii=False).encode())
 
 
 def _read_batch(batch: list[tuple[str, str, int]]) -> _PutBatch:

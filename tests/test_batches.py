@@ -253,3 +253,11 @@ def test_json_records_of_a_tree_stream_out_as_files_complete(daemon, tmp_path):
     kill_when(proc, upload_partial_over(daemon, 1024 * 1024), "the big file to be under way")
     records = [json.loads(line) for line in proc.stdout.read().splitlines()]
     assert len(records) == 30 and all(r["path"].startswith("t/d") for r in records)
+
+
+def test_batch_manifest_sizes_are_counted_as_json_writes_the_names():
+    from filesrv.client import _json_size
+    names = ["plain/name.bin", "café/日本語/ñandú.jpg", 'quote"d', "back\\slash", "tab\there",
+             "new\nline", "\x7f", "\u2028", "emoji😀", "zero\u200bwidth", "", "\x00"]
+    for name in names:
+        assert _json_size(name) == len(json.dumps(name, ensure_ascii=False).encode()), name
