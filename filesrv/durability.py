@@ -12,44 +12,34 @@ a whole batch instead of one fsync (one journal commit) per file.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 WINDOW = 32 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
-_start_writeback: Callable[[int, int, int], Any] | None | bool = False  # False: not loaded
+_libc_functions: dict[str, Any] = {}
 
 
-def _loader() -> Callable[[int, int, int], Any] | None:
-    global _start_writeback
-    if _start_writeback is False:
-        _start_writeback = None
+def _libc(name: str) -> Any:
+    """A libc function through ctypes, loaded on first use; None where there is none."""
+    if name not in _libc_functions:
         try:
-            import ctypes  # lazily: only files of a window or more need it
-            libc = ctypes.CDLL(None, use_errno=True)
-            call = libc.sync_file_range
-            call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
-            _start_writeback = lambda fd, off, n: call(fd, off, n, _SYNC_FILE_RANGE_WRITE)  # noqa
+            import ctypes  # lazily: most commands never flush anything
+            call = getattr(ctypes.CDLL(None, use_errno=True), name)
+            if name == "sync_file_range":  # 64-bit offsets must not be passed as int
+                call.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong,
+                                 ctypes.c_uint]
+            _libc_functions[name] = call
         except (OSError, AttributeError):
-            pass
-    return _start_writeback  # type: ignore[return-value]
-
-
-_syncfs: Callable[[int], int] | None | bool = False  # False: not loaded
+            _libc_functions[name] = None
+    return _libc_functions[name]
 
 
 def flush_filesystem(fd: int) -> None:
     """Make everything written on fd's filesystem durable (Linux syncfs; else sync)."""
-    global _syncfs
-    if _syncfs is False:
-        _syncfs = None
-        try:
-            import ctypes
-            _syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-        except (OSError, AttributeError):
-            pass
-    if _syncfs is None:
+    syncfs = _libc("syncfs")
+    if syncfs is None:
         os.sync()
-    elif _syncfs(fd) != 0:  # type: ignore[operator]
+    elif syncfs(fd) != 0:
         import ctypes
         errno = ctypes.get_errno()
         raise OSError(errno, os.strerror(errno))
@@ -65,11 +55,11 @@ class Writeback:
     def wrote_up_to(self, end: int) -> None:
         if end - self.flushed < WINDOW:
             return
-        start_writeback = _loader()
-        if start_writeback is None:
+        sync_file_range = _libc("sync_file_range")
+        if sync_file_range is None:
             return
         length = (end - self.flushed) // WINDOW * WINDOW
-        start_writeback(self.fd, self.flushed, length)
+        sync_file_range(self.fd, self.flushed, length, _SYNC_FILE_RANGE_WRITE)
         self.flushed += length
 
     def finish(self) -> None:
