@@ -14,8 +14,6 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
-import xxhash
-
 from . import __version__
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
                      IntegrityError, ReadOnly, ServerError, Superseded, TooLarge)
@@ -23,7 +21,7 @@ from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDi
                        PutFiles, Remove, Stat, check_version,
                        encode_frame, encode_listing, error_reply, greeting, ok_reply,
                        parse_path, parse_request, proof_matches)
-from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage, io_error
+from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage
 from .transport import Channel, PeerClosed
 
 if TYPE_CHECKING:
@@ -313,7 +311,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             try:
                 for index in need:
                     parts, size, digest = files[index]
-                    if self._receive_file(batch.create(index), size) == digest:
+                    if batch.receive(index, self._body(size)) == digest:
                         batch.received_whole(index, parts)
                     else:
                         failed[index] = IntegrityError(
@@ -327,23 +325,6 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.channel.send_header(ok_reply(failed=[
             {"index": i, "code": e.code, "message": e.message}
             for i, e in sorted(failed.items())]))
-
-    def _receive_file(self, fd: int, size: int) -> str:
-        """Exactly `size` body bytes into fd; their XXH3-128."""
-        hasher = xxhash.xxh3_128()
-        try:
-            for chunk in self._body(size):
-                hasher.update(chunk)
-                done = 0
-                while done < len(chunk):
-                    done += os.write(fd, chunk[done:])
-        except OSError as exc:
-            if isinstance(exc, (TimeoutError, ConnectionError)):
-                raise
-            raise io_error(exc, "writing a file") from None
-        finally:
-            os.close(fd)
-        return hasher.hexdigest()
 
     def _get_files(self, request: GetFiles) -> None:
         """Many files in one reply: a frame for each (its error, or its bytes after it)."""

@@ -21,7 +21,7 @@ import signal
 import stat
 import struct
 import time
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 import xxhash
 
@@ -611,8 +611,9 @@ class BatchUpload:
     def _name(index: int) -> str:
         return f"batch-{os.getpid()}-{index}.part"
 
-    def create(self, index: int) -> int:
-        """A new temporary for the file at `index` of the request; its fd."""
+    def receive(self, index: int, chunks: Iterable[memoryview]) -> str:
+        """Write the bytes of the file at `index` of the request, as they arrive, into a
+        new temporary; their XXH3-128."""
         name = self._name(index)
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
@@ -620,7 +621,16 @@ class BatchUpload:
         except OSError as exc:
             raise io_error(exc, "creating a file") from None
         self._temporaries.add(name)
-        return fd
+        hasher = xxhash.xxh3_128()
+        position = 0
+        try:
+            for chunk in chunks:
+                hasher.update(chunk)
+                _write_all(fd, chunk, position, "writing a file")
+                position += len(chunk)
+        finally:
+            os.close(fd)
+        return hasher.hexdigest()
 
     def received_whole(self, index: int, parts: tuple[str, ...]) -> None:
         """The temporary of `index` holds all its bytes, verified."""
@@ -689,6 +699,15 @@ class BatchUpload:
                 os.unlink(name, dir_fd=self.storage.partials_fd)
             except FileNotFoundError:
                 pass
+
+
+def _write_all(fd: int, data: memoryview, position: int, what: str) -> None:
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], position + done)
+    except OSError as exc:
+        raise io_error(exc, what) from None
 
 
 def _remove_tree(parent_fd: int, name: str) -> int:
@@ -794,12 +813,7 @@ class PartialUpload:
     def write(self, data: memoryview) -> None:
         if self.written + len(data) > self.size:
             raise IoError("more bytes than announced")
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], self.written + done)
-        except OSError as exc:
-            raise io_error(exc, "writing the upload") from None
+        _write_all(self.fd, data, self.written, "writing the upload")
         self.hasher.update(data)
         self.written += len(data)
         self.writeback.wrote_up_to(self.written)
