@@ -234,16 +234,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if offset > f.size:
                 raise BadRange(f"offset {offset} is beyond the end ({f.size} bytes)")
             length = f.size - offset
-            if f.size <= _INLINE_BODY:  # one read for digest and body, one send, one segment
+            inline = f.size <= _INLINE_BODY  # one read for digest and body, one send
+            if inline:
                 data, digest = storage.read_small(f)
-                self.channel.send_frame(encode_frame(ok_reply(
-                    size=f.size, offset=offset, length=length, etag=f.etag, xxh128=digest))
-                    + data[offset:])
+            else:
+                data, digest = b"", storage.digest_of(f)
+            self.channel.send_frame(encode_frame(ok_reply(
+                size=f.size, offset=offset, length=length, etag=f.etag, xxh128=digest))
+                + data[offset:])
+            if inline:
                 self.moved = length
             else:
-                self.channel.send_frame(encode_frame(ok_reply(
-                    size=f.size, offset=offset, length=length, etag=f.etag,
-                    xxh128=storage.digest_of(f))))
                 self._send_file(f.fd, offset, length)
         finally:
             f.close()
