@@ -659,12 +659,13 @@ class Client:
         small = [(os.path.join(local_dir, rel), _join(base, rel), size)
                  for rel, size in plan.files if size <= BATCH_FILE_MAX]
         batches = list(_batches(small))
+        skip = SKIP_EXISTING if overwrite == NO_CLOBBER else SKIP_IDENTICAL
         reads: dict[int, _InThread] = {}
 
         def read_ahead(i: int) -> None:
             # batch i is read and hashed while the server still works on batch i - 1
             if i < len(batches) and i not in reads:
-                reads[i] = _InThread(_read_batch, batches[i])
+                reads[i] = _InThread(lambda: _read_batch(batches[i], skip))
 
         read_ahead(0)  # while the remote tree is listed
         remote = {e.name: e for e in self._tree_or_empty(base)}
@@ -675,12 +676,11 @@ class Client:
         for rel in plan.dirs:  # the others are created with their files
             if rel not in remote and rel not in holding_files:
                 self.mkdir(_join(base, rel), parents=True)
-        skip = SKIP_EXISTING if overwrite == NO_CLOBBER else SKIP_IDENTICAL
         results, done = _tree_report(progress, on_file)
         for i in range(len(batches)):
             prepared = reads.pop(i).result()
             for result in self._retrying(
-                    lambda: self._put_batch(prepared, skip, lambda: read_ahead(i + 1))):
+                    lambda: self._put_batch(prepared, lambda: read_ahead(i + 1))):
                 done(result)
         for rel, size in plan.files:
             if size <= BATCH_FILE_MAX:
@@ -693,7 +693,7 @@ class Client:
                           overwrite=policy))
         return results
 
-    def _put_batch(self, prepared: "_PutBatch", skip: str, sent: Callable[[], None]
+    def _put_batch(self, prepared: "_PutBatch", sent: Callable[[], None]
                    ) -> list[TransferResult]:
         """One put_files exchange; the server says which files it lacks.
 
@@ -701,8 +701,7 @@ class Client:
         """
         started = time.monotonic()
         manifest, bodies = prepared.manifest, prepared.bodies
-        self._request(prepared.request if skip == SKIP_IDENTICAL
-                      else PutFiles(manifest, skip).frame())
+        self._request(prepared.request)
         need = parse_need_reply(self._read(), len(manifest))
         pending = [Data(length=sum(len(bodies[i]) for i in need)).frame()]
         pending_bytes = 0
@@ -966,7 +965,7 @@ class _PutBatch(NamedTuple):
 
     manifest: list[dict[str, Any]]
     bodies: list[bytes]
-    request: bytes  # with skip "identical", the default
+    request: bytes
 
 
 def _json_size(text: str) -> int:
@@ -976,7 +975,7 @@ def _json_size(text: str) -> int:
     return len(json.dumps(text, ensure_ascii=False).encode())
 
 
-def _read_batch(batch: list[tuple[str, str, int]]) -> _PutBatch:
+def _read_batch(batch: list[tuple[str, str, int]], skip: str) -> _PutBatch:
     """Read and hash the files of a batch, and frame the put_files request for them."""
     manifest, bodies = [], []
     for local, remote, _ in batch:
@@ -984,20 +983,20 @@ def _read_batch(batch: list[tuple[str, str, int]]) -> _PutBatch:
         bodies.append(body)
         manifest.append({"path": remote, "size": len(body),
                          "xxh128": xxhash.xxh3_128_hexdigest(body)})
-    return _PutBatch(manifest, bodies, PutFiles(manifest, SKIP_IDENTICAL).frame())
+    return _PutBatch(manifest, bodies, PutFiles(manifest, skip).frame())
 
 
 class _InThread:
-    """fn(arg) running in a thread of its own; result() waits and re-raises its error."""
+    """fn() running in a thread of its own; result() waits and re-raises its error."""
 
-    def __init__(self, fn: Callable[[Any], _T], arg: Any) -> None:
+    def __init__(self, fn: Callable[[], Any]) -> None:
         self._outcome: tuple[bool, Any] = (False, None)
-        self._thread = threading.Thread(target=self._run, args=(fn, arg), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self._thread.start()
 
-    def _run(self, fn: Callable[[Any], Any], arg: Any) -> None:
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
-            self._outcome = (True, fn(arg))
+            self._outcome = (True, fn())
         except BaseException as exc:  # handed to the caller of result()
             self._outcome = (False, exc)
 
