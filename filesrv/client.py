@@ -261,6 +261,9 @@ class Client:
             else:
                 # the hello reply is read with the first reply: one round trip saved
                 self._hello_pending = True
+                if first_request is not None and pipelined is None:
+                    # we held it back for a token this server does not ask for
+                    channel.send_bytes(first_request)
         except OSError as exc:
             channel.close()
             raise ConnectionFailed(f"connection to {where} failed: {exc}") from None
