@@ -13,33 +13,81 @@ import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
-from .errors import ConfigError, FilesrvError, IsADirectory, LocalError
+from .errors import (AlreadyExists, ConfigError, FilesrvError, IsADirectory, LocalError,
+                     NotADirectory, NotFound)
 
 DEFAULT_SERVER_PORT = 8750
+DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_SERVER_PORT}"  # where `filesrv serve` listens by default
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 EPILOG = """\
+Run `filesrv help COMMAND` (or `filesrv COMMAND --help`) for a command's options and
+examples.
+
 examples:
-  filesrv serve --root /srv/files --host 0.0.0.0 --port 8750
+  filesrv serve                        serve ./storage on 127.0.0.1:8750
+  filesrv put big.iso isos/            upload to isos/big.iso (on 127.0.0.1:8750)
   export FILESRV_SERVER=fileserver:8750
-  filesrv put big.iso isos/            upload to isos/big.iso
   filesrv get isos/big.iso /tmp/       download to /tmp/big.iso
   filesrv ls -l isos
-  filesrv mkdir -p isos/old && filesrv mv isos/big.iso isos/old/big.iso
+  filesrv mkdir -p isos/old && filesrv mv isos/big.iso isos/old
   filesrv hash -r isos > SUMS          then: cd isos && xxh128sum -c ../SUMS
-  filesrv rm -r isos/old
+  filesrv rm -rf isos/old
 
 An interrupted put or get resumes when you run the same command again. Every
 transfer is verified end to end with XXH3-128 (the digest `xxh128sum` prints).
 
 Every option but -r can also come from a FILESRV_* variable (--buffer-size:
-FILESRV_BUFFER_SIZE; flags take 1/0, true/false), and serve's from a TOML file (--config);
-the command line wins, then the environment, then the file.
+FILESRV_BUFFER_SIZE; flags take 1/0, true/false) and from a TOML file: serve's
+--config, and the client's ~/.config/filesrv/config.toml, whose [remote.NAME]
+sections name servers for -s NAME. The command line wins, then the environment,
+then the file.
 
 exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
 4 not found or wrong type, 5 refused request, path, size or read-only, 6
 integrity, 7 no space or I/O error on the server, 8 busy, 9 local file error,
 10 authentication failed, 130 interrupted.
+"""
+
+SERVE_EXAMPLES = """\
+  filesrv serve                        serve ./storage on 127.0.0.1:8750 until Ctrl-C
+  filesrv serve --root /srv/files --host 0.0.0.0 --token-file /etc/filesrv/tokens
+  filesrv serve --config /etc/filesrv/filesrv.toml
+"""
+PUT_EXAMPLES = """\
+  filesrv put big.iso                  upload to big.iso at the top of the root
+  filesrv put big.iso isos             into the existing directory isos (isos/big.iso)
+  filesrv put -r photos backup/photos  a whole tree; a re-run moves only what is missing
+"""
+GET_EXAMPLES = """\
+  filesrv get isos/big.iso             download to ./big.iso
+  filesrv get isos/a.iso isos/b.iso /tmp/
+  filesrv get -r backup/photos photos  a whole tree; a re-run moves only what is missing
+"""
+LS_EXAMPLES = """\
+  filesrv ls                           the top of the root
+  filesrv ls -lr isos                  the whole tree, with sizes and times
+  filesrv ls --json isos | jq -r '.[].name'
+"""
+RM_EXAMPLES = """\
+  filesrv rm isos/old.iso
+  filesrv rm -rf isos/old              a whole tree; no error if it is already gone
+"""
+MV_EXAMPLES = """\
+  filesrv mv isos/a.iso isos/b.iso     rename
+  filesrv mv isos/a.iso old            into the existing directory old (old/a.iso)
+"""
+MKDIR_EXAMPLES = """\
+  filesrv mkdir isos
+  filesrv mkdir -p isos/old/2025       with its missing parents; no error if it exists
+"""
+HASH_EXAMPLES = """\
+  filesrv hash isos/big.iso            as xxh128sum prints it
+  filesrv hash -r isos > SUMS          then: cd isos-copy && xxh128sum -c ../SUMS
+"""
+HELP_EXAMPLES = """\
+  filesrv help put                     the same as: filesrv put --help
+  filesrv help                         the list of commands
 """
 
 
@@ -99,21 +147,47 @@ def format_size(n: float) -> str:
 
 # ---------------------------------------------------------------- parser
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-line texts (descriptions); keeps texts of several lines (examples) as written.
+
+    Its command column is wide enough for 'ls (list)'.
+    """
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=28)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="filesrv", description="Move big files between your own hosts: a forking "
-        "daemon and its client, with resumable transfers verified by XXH3-128.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="filesrv", usage="filesrv COMMAND [options] ...",
+        description="Move big files between your own hosts: a forking daemon and its "
+        "client,\nwith resumable transfers verified by XXH3-128.",
+        epilog=EPILOG, formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"filesrv {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                title="commands")
 
-    serve = sub.add_parser("serve", help="run the daemon in the foreground",
-                           description="Serve a directory until SIGTERM or SIGINT. Prints "
-                           "'listening on HOST:PORT' once the socket is bound.")
+    def command(name: str, summary: str | None, examples: str, **kwargs: Any
+                ) -> argparse.ArgumentParser:
+        """A subcommand whose --help ends with its examples; without a summary, unlisted."""
+        if summary is not None:
+            kwargs["help"] = summary
+        return sub.add_parser(name, prog=f"filesrv {name}", epilog="examples:\n" + examples,
+                              formatter_class=_HelpFormatter, **kwargs)
+
+    serve = command("serve", "run the daemon in the foreground", SERVE_EXAMPLES,
+                    description="Serve a directory until SIGTERM or SIGINT. Prints "
+                    "'listening on HOST:PORT' once the socket is bound.")
     serve.add_argument("--config", metavar="FILE",
                        help="read options from this TOML file (keys as the long options: "
                        "root = \"/srv\", max-children = 32, read-only = true); the command "
-                       "line wins over FILESRV_* variables, which win over the file")
+                       "line wins over FILESRV_* variables, which win over the file "
+                       "(default: $FILESRV_CONFIG)")
     serve.add_argument("--root", default="./storage",
                        help="directory to serve, created if missing (default: ./storage)")
     serve.add_argument("--host", default="127.0.0.1",
@@ -152,31 +226,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", metavar="FILE", help="private key for --tls-cert (PEM)")
     serve.set_defaults(run=run_serve)
 
-    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts = argparse.ArgumentParser(add_help=False)  # every client command's
     client_opts.add_argument("-s", "--server", default=None,
-                             metavar="HOST:PORT",
-                             help="daemon address (default: $FILESRV_SERVER; port "
-                             f"{DEFAULT_SERVER_PORT} if omitted)")
+                             metavar="HOST:PORT|REMOTE",
+                             help="daemon address, or the name of a [remote.NAME] of the "
+                             f"config file (default: $FILESRV_SERVER, else {DEFAULT_SERVER}; "
+                             f"port {DEFAULT_SERVER_PORT} if omitted)")
+    client_opts.add_argument("--config", metavar="FILE",
+                             help="client config file (default: $FILESRV_CONFIG, else "
+                             "$XDG_CONFIG_HOME/filesrv/config.toml, else "
+                             "~/.config/filesrv/config.toml, if it exists)")
     client_opts.add_argument("--json", action="store_true",
                              help="machine-readable output on stdout")
-    client_opts.add_argument("--no-progress", action="store_true",
-                             help="no progress bar (it is shown only when stderr is a terminal)")
-    client_opts.add_argument("--limit-rate", type=parse_size, default=None,
-                             metavar="BYTES_PER_SECOND",
-                             help="cap the transfer rate, e.g. 10M (K/M/G are powers of 1024)")
-    client_opts.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
-                             metavar="BYTES", help="transfer buffer (default: 1M)")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                              help="give up on a silent server after this long (default: 60)")
-    client_opts.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
-                             help="when a connection is cut mid-transfer (or the server "
-                             "restarts), reconnect and resume up to N times, waiting 0.5 s, "
-                             "1 s, 2 s, 4 s, 8 s, 8 s... in between: with the default 5, "
-                             "about 15 s in all; 0 gives up at once (default: 5)")
-    client_opts.add_argument("--fsync", action="store_true",
-                             help="get: flush each downloaded file to disk before it takes its "
-                             "name, so it survives a power loss (like the server does for "
-                             "uploads); costs little for big files")
     client_opts.add_argument("--token-file", metavar="FILE",
                              help="token for a server started with --token-file (default: "
                              "the token in $FILESRV_TOKEN, if set)")
@@ -188,7 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "system's store)")
 
     transfer = argparse.ArgumentParser(add_help=False)  # what put and get share
-    transfer.add_argument("paths", metavar="PATH", nargs="+", help=argparse.SUPPRESS)
+    transfer.add_argument("--no-progress", action="store_true",
+                          help="no progress bar (it is shown only when stderr is a terminal)")
+    transfer.add_argument("--limit-rate", type=parse_size, default=None,
+                          metavar="BYTES_PER_SECOND",
+                          help="cap the transfer rate, e.g. 10M (K/M/G are powers of 1024)")
+    transfer.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
+                          metavar="BYTES", help="transfer buffer (default: 1M)")
+    transfer.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
+                          help="when a connection is cut mid-transfer (or the server "
+                          "restarts), reconnect and resume up to N times, waiting 0.5 s, "
+                          "1 s, 2 s, 4 s, 8 s, 8 s... in between: with the default 5, "
+                          "about 15 s in all; 0 gives up at once (default: 5)")
     policy = transfer.add_mutually_exclusive_group()
     policy.add_argument("--no-clobber", dest="overwrite", action="store_const",
                         const="no-clobber", help="leave an existing destination alone")
@@ -196,78 +270,99 @@ def build_parser() -> argparse.ArgumentParser:
                         help="transfer only when the destination's XXH3-128 differs")
     transfer.set_defaults(overwrite="replace")
 
-    put = sub.add_parser("put", parents=[client_opts, transfer], help="upload files",
-                         usage="filesrv put [options] LOCAL [REMOTE]\n"
-                               "       filesrv put [options] LOCAL... REMOTE_DIR",
-                         description="Upload LOCAL to REMOTE (default: LOCAL's base name; a "
-                         "REMOTE ending in '/' is a directory), or several files into "
-                         "REMOTE_DIR, over one connection. Missing remote directories are "
-                         "created; an existing file is replaced atomically unless "
-                         "--no-clobber or --update says otherwise. Re-running an interrupted "
-                         "put resumes it.")
+    put = command("put", "upload files", PUT_EXAMPLES, parents=[client_opts, transfer],
+                  usage="filesrv put [options] LOCAL [REMOTE]\n"
+                        "       filesrv put [options] LOCAL... REMOTE_DIR\n"
+                        "       filesrv put -r [options] LOCAL_DIR [REMOTE_DIR]",
+                  description="Upload LOCAL to REMOTE (default: LOCAL's base name; a REMOTE "
+                  "that is an existing directory, or ends in '/', receives the file inside "
+                  "it), or several files into REMOTE_DIR, over one connection. Missing "
+                  "remote directories are created; an existing file is replaced atomically "
+                  "unless --no-clobber or --update says otherwise. Re-running an "
+                  "interrupted put resumes it.")
+    put.add_argument("paths", metavar="LOCAL", nargs="+", help=argparse.SUPPRESS)
     put.add_argument("-r", "--recursive", action="store_true",
-                     help="upload the directory LOCAL as REMOTE (default: its name), over one "
-                     "connection; empty directories are kept, files already there with the "
-                     "same size and XXH3-128 are skipped (so a re-run moves only the rest), "
-                     "symlinks are skipped, never followed")
+                     help="upload the directory LOCAL_DIR as REMOTE_DIR (default: its name), "
+                     "over one connection; empty directories are kept, files already there "
+                     "with the same size and XXH3-128 are skipped (so a re-run moves only the "
+                     "rest), symlinks are skipped, never followed")
     put.set_defaults(run=run_put)
 
-    get = sub.add_parser("get", parents=[client_opts, transfer], help="download files",
-                         usage="filesrv get [options] REMOTE [LOCAL]\n"
-                               "       filesrv get [options] REMOTE... LOCAL_DIR",
-                         description="Download REMOTE to LOCAL (default: REMOTE's base name "
-                         "here; an existing directory receives the file inside it), or several "
-                         "files into the existing directory LOCAL_DIR, over one connection. A "
-                         "file appears at its name only once verified; an existing one is "
-                         "replaced atomically unless --no-clobber or --update says otherwise. "
-                         "Re-running an interrupted get resumes from the partial "
-                         "'.NAME.filesrv-part' beside it.")
+    get = command("get", "download files", GET_EXAMPLES, parents=[client_opts, transfer],
+                  usage="filesrv get [options] REMOTE [LOCAL]\n"
+                        "       filesrv get [options] REMOTE... LOCAL_DIR\n"
+                        "       filesrv get -r [options] REMOTE_DIR [LOCAL_DIR]",
+                  description="Download REMOTE to LOCAL (default: REMOTE's base name "
+                  "here; an existing directory receives the file inside it), or several "
+                  "files into the existing directory LOCAL_DIR, over one connection. A "
+                  "file appears at its name only once verified; an existing one is "
+                  "replaced atomically unless --no-clobber or --update says otherwise. "
+                  "Re-running an interrupted get resumes from the partial "
+                  "'.NAME.filesrv-part' beside it.")
+    get.add_argument("paths", metavar="REMOTE", nargs="+", help=argparse.SUPPRESS)
     get.add_argument("-r", "--recursive", action="store_true",
-                     help="download the directory REMOTE as the directory LOCAL (default: its "
-                     "name here; a LOCAL ending in / receives it inside), over one connection; "
-                     "local files with the same size and XXH3-128 are skipped, so a re-run "
-                     "moves only the rest")
+                     help="download the directory REMOTE_DIR as the directory LOCAL_DIR "
+                     "(default: its name here; a LOCAL_DIR ending in / receives it inside), "
+                     "over one connection; local files with the same size and XXH3-128 are "
+                     "skipped, so a re-run moves only the rest")
+    get.add_argument("--fsync", action="store_true",
+                     help="flush each downloaded file to disk before it takes its name, so "
+                     "it survives a power loss (as the server does for uploads); costs "
+                     "little for big files")
     get.set_defaults(run=run_get)
 
-    ls = sub.add_parser("ls", parents=[client_opts], help="list a remote directory",
-                        description="List one remote directory (default: the root).")
-    ls.add_argument("remote", metavar="REMOTE_DIR", nargs="?", default="")
-    ls.add_argument("-l", dest="long", action="store_true",
-                    help="long format: size and modification time")
-    ls.add_argument("-r", "--recursive", action="store_true",
-                    help="the whole tree, with paths relative to REMOTE_DIR")
-    ls.set_defaults(run=run_ls)
+    # `list` is `ls` under the name users of the original design expect; listed once
+    for name, summary in (("ls", "list a remote directory (alias: list)"), ("list", None)):
+        ls = command(name, summary, LS_EXAMPLES, parents=[client_opts],
+                     description="List one remote directory (default: the root).")
+        ls.add_argument("remote", metavar="REMOTE_DIR", nargs="?", default="")
+        ls.add_argument("-l", dest="long", action="store_true",
+                        help="long format: size and modification time")
+        ls.add_argument("-r", "--recursive", action="store_true",
+                        help="the whole tree, with paths relative to REMOTE_DIR")
+        ls.set_defaults(run=run_ls)
 
-    rm = sub.add_parser("rm", parents=[client_opts], help="delete remote files",
-                        description="Delete remote files; directories only with -r. The "
-                        "root itself is never removed. Refused by a --read-only daemon.")
+    rm = command("rm", "delete remote files", RM_EXAMPLES, parents=[client_opts],
+                 description="Delete remote files; directories only with -r. The "
+                 "root itself is never removed. Refused by a --read-only daemon.")
     rm.add_argument("remote", metavar="REMOTE", nargs="+")
     rm.add_argument("-r", "--recursive", action="store_true",
                     help="delete directories and everything in them")
+    rm.add_argument("-f", "--force", action="store_true",
+                    help="a REMOTE that does not exist is no error (nothing is printed)")
     rm.set_defaults(run=run_rm)
 
-    mv = sub.add_parser("mv", parents=[client_opts], help="rename a remote file or directory",
-                        description="Rename SRC to DST within the daemon's root, atomically; a "
-                        "file at DST is replaced. The parent of DST must exist.")
+    mv = command("mv", "rename a remote file or directory", MV_EXAMPLES,
+                 parents=[client_opts], usage="filesrv mv [options] SRC DST",
+                 description="Rename SRC to DST within the daemon's root, atomically; a "
+                 "file at DST is replaced. A DST that is an existing directory, or ends in "
+                 "'/', receives SRC inside it, as mv does. The parent of DST must exist.")
     mv.add_argument("src", metavar="SRC")
     mv.add_argument("dst", metavar="DST")
     mv.set_defaults(run=run_mv)
 
-    mkdir = sub.add_parser("mkdir", parents=[client_opts], help="create remote directories",
-                           description="Create remote directories.")
+    mkdir = command("mkdir", "create remote directories", MKDIR_EXAMPLES,
+                    parents=[client_opts], description="Create remote directories.")
     mkdir.add_argument("remote", metavar="REMOTE_DIR", nargs="+")
     mkdir.add_argument("-p", "--parents", action="store_true",
-                       help="create missing parents; no error if it exists")
+                       help="create missing parents; an existing directory is no error "
+                       "(nothing is printed)")
     mkdir.set_defaults(run=run_mkdir)
 
-    hashes = sub.add_parser("hash", parents=[client_opts], help="print XXH3-128 digests",
-                            description="Print the server's XXH3-128 digests exactly as "
-                            "xxh128sum does, so that `filesrv hash -r dir > SUMS && cd dir && "
-                            "xxh128sum -c SUMS` checks a downloaded tree with a standard tool.")
+    hashes = command("hash", "print XXH3-128 digests", HASH_EXAMPLES, parents=[client_opts],
+                     description="Print the server's XXH3-128 digests exactly as "
+                     "xxh128sum does, so that `filesrv hash -r dir > SUMS && cd dir && "
+                     "xxh128sum -c SUMS` checks a downloaded tree with a standard tool.")
     hashes.add_argument("remote", metavar="REMOTE", nargs="+")
     hashes.add_argument("-r", "--recursive", action="store_true",
                         help="every file under a directory, named relative to it")
     hashes.set_defaults(run=run_hash)
+
+    helps = command("help", "show a command's options and examples", HELP_EXAMPLES,
+                    description="Same as `filesrv COMMAND --help`; without COMMAND, the list "
+                    "of commands.")
+    helps.add_argument("topic", metavar="COMMAND", nargs="?")
+    helps.set_defaults(run=lambda args: run_help(parser, args))
     parser.commands = sub.choices  # type: ignore[attr-defined]
     return parser
 
@@ -363,10 +458,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client, parse_server, read_token_file
-    if not args.server:
-        raise UsageError("no server given: use -s HOST:PORT or set FILESRV_SERVER")
     try:
-        host, port = parse_server(args.server)
+        host, port = parse_server(args.server or DEFAULT_SERVER)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.token_file:
@@ -375,9 +468,11 @@ def _client(args: argparse.Namespace) -> Any:
         token = os.environ.get("FILESRV_TOKEN", "").strip().encode() or None
     if args.cafile and not args.tls:
         raise UsageError("--cafile needs --tls")
-    return Client(host, port, buffer_size=args.buffer_size, limit_rate=args.limit_rate,
-                  timeout=args.timeout, token=token, tls=args.tls, cafile=args.cafile,
-                  durable=args.fsync, retries=args.retries)
+    # the transfer options exist for put and get only; the others keep the defaults
+    transfer = {key: getattr(args, key) for key in ("buffer_size", "limit_rate", "retries")
+                if hasattr(args, key)}
+    return Client(host, port, timeout=args.timeout, token=token, tls=args.tls,
+                  cafile=args.cafile, durable=getattr(args, "fsync", False), **transfer)
 
 
 def _one_tree(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -455,10 +550,20 @@ def run_put(args: argparse.Namespace) -> int:
                 remote += name
             if os.path.isdir(local):
                 raise LocalError(f"{local} is a directory")
-            with ProgressBar(f"put {remote}", args) as bar:
-                result = client.put(local, remote, progress=bar, overwrite=args.overwrite)
+            try:
+                result = _put_file(client, local, remote, args)
+            except IsADirectory:
+                # REMOTE is an existing directory: the file goes inside it, as with cp
+                if remote != target or remote.endswith("/"):
+                    raise
+                result = _put_file(client, local, f"{remote}/{name}", args)
             _report("uploaded", result, args)
     return 0
+
+
+def _put_file(client: Any, local: str, remote: str, args: argparse.Namespace) -> Any:
+    with ProgressBar(f"put {remote}", args) as bar:
+        return client.put(local, remote, progress=bar, overwrite=args.overwrite)
 
 
 def run_get(args: argparse.Namespace) -> int:
@@ -501,24 +606,70 @@ def run_ls(args: argparse.Namespace) -> int:
 def run_rm(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for remote in args.remote:
-            removed = client.rm(remote, recursive=args.recursive)
+            try:
+                removed = client.rm(remote, recursive=args.recursive)
+            except (NotFound, NotADirectory):  # as rm -f: ENOENT and ENOTDIR
+                if not args.force:
+                    raise
+                if args.json:
+                    _say(args, {"path": remote, "removed": 0}, "")
+                continue
             _say(args, {"path": remote, "removed": removed},
                  f"removed {remote}" + (f" ({removed} entries)" if removed > 1 else ""))
     return 0
 
 
 def run_mv(args: argparse.Namespace) -> int:
+    src, dst = args.src, args.dst
+    name = src.rstrip("/").rsplit("/", 1)[-1]
+    if dst.endswith("/") and name:  # "DIR/" can only mean inside DIR
+        dst += name
     with _client(args) as client:
-        client.mv(args.src, args.dst)
-    _say(args, {"src": args.src, "dst": args.dst}, f"moved {args.src} -> {args.dst}")
+        try:
+            client.mv(src, dst)
+        except IsADirectory:
+            # DST is an existing directory: SRC goes inside it, as with mv
+            if dst != args.dst or not name:
+                raise
+            dst = f"{dst}/{name}"
+            client.mv(src, dst)
+    _say(args, {"src": src, "dst": dst}, f"moved {src} -> {dst}")
     return 0
 
 
 def run_mkdir(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for remote in args.remote:
-            client.mkdir(remote, parents=args.parents)
-            _say(args, {"path": remote}, f"created {remote}")
+            created = _make_dir(client, remote, args.parents)
+            if created or args.json:  # mkdir -p of an existing directory says nothing
+                _say(args, {"path": remote, "created": created}, f"created {remote}")
+    return 0
+
+
+def _make_dir(client: Any, remote: str, parents: bool) -> bool:
+    """Create a remote directory; False if -p found it there already."""
+    if not parents:
+        client.mkdir(remote)
+        return True
+    try:  # one exchange in the common cases, and it tells whether the directory was there
+        client.mkdir(remote)
+        return True
+    except AlreadyExists:  # the server says not_a_directory for anything else there
+        return False
+    except NotFound:  # a parent is missing
+        client.mkdir(remote, parents=True)
+        return True
+
+
+def run_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`filesrv help COMMAND` is `filesrv COMMAND --help`; alone, the list of commands."""
+    if args.topic is None:
+        parser.print_help()
+        return 0
+    command = parser.commands.get(args.topic)  # type: ignore[attr-defined]
+    if command is None:
+        raise UsageError(f"no command {args.topic!r} (the commands: filesrv help)")
+    command.print_help()
     return 0
 
 
@@ -632,6 +783,10 @@ class UsageError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # like git: the commands, each with a line
+        parser.print_help()
+        return 0
     try:
         apply_defaults(parser, argv)
     except ConfigError as exc:

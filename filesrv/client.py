@@ -565,6 +565,8 @@ class Client:
                 raise LocalError(f"{local} is not a regular file")
             if overwrite != REPLACE:
                 existing = self._remote_file(remote)
+                if existing is not None and existing.type == "dir":  # not a file to keep
+                    raise IsADirectory(f"{remote!r} is a directory")
                 if existing is not None and (overwrite == NO_CLOBBER or existing.xxh128 ==
                                              _file_digest(local)):
                     return TransferResult(normalize_path(remote), existing.size, 0,

@@ -22,7 +22,8 @@ def test_client_options_come_from_the_environment(daemon, tmp_path):
     assert first.returncode == 0 and '"path": "e.bin"' in first.stdout
     again = run("put", str(src), env=env)
     assert '"skipped": true' in again.stdout  # FILESRV_NO_CLOBBER took effect
-    bad = run("ls", env={"FILESRV_SERVER": daemon.address, "FILESRV_BUFFER_SIZE": "lots"})
+    bad = run("get", "e.bin", env={"FILESRV_SERVER": daemon.address,
+                                   "FILESRV_BUFFER_SIZE": "lots"})
     assert bad.returncode == 2 and "--buffer-size" in bad.stderr
 
 

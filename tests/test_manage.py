@@ -35,9 +35,11 @@ def test_mv_renames_files_and_directories_atomically(daemon, tmp_path):
     (daemon.root / "other.bin").write_bytes(b"old")
     cli("mv", "-s", daemon.address, "e/g.bin", "other.bin")  # replaces a file
     assert xxh128_of(daemon.root / "other.bin") == digest
+    (daemon.root / "e" / "taken").mkdir()
+    (daemon.root / "taken").write_bytes(b"t")
     for args, status, text in [(["e", "e/inner"], 5, "into itself"),
                                (["missing", "x"], 4, "no such"),
-                               (["other.bin", "e"], 4, "is a directory"),
+                               (["taken", "e"], 4, "is a directory"),  # e/taken is a dir
                                (["other.bin", "nodir/x"], 4, "no such")]:
         r = cli("mv", "-s", daemon.address, *args, check=False)
         assert r.returncode == status and text in r.stderr, (args, r.stderr)
