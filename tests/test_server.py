@@ -255,7 +255,7 @@ def test_expected_failures_give_one_line_and_a_status_without_traceback(daemon, 
         (["get", "-s", daemon.address, "../x"], 5, "not allowed"),
         (["ls", "-s", daemon.address, "missing"], 4, "no such directory"),
         (["ls", "-s", "127.0.0.1:1"], 3, "cannot connect"),
-        (["ls"], 2, "no server given"),
+        (["ls", "-s", "localhost:http"], 2, "bad port"),
         (["put", "-s", daemon.address, "--limit-rate", "fast", "x"], 2, "not a size"),
     ]
     for args, status, text in cases:
@@ -272,6 +272,7 @@ def test_get_of_a_directory_and_put_onto_one_are_refused(daemon, tmp_path):
     r = cli("get", "-s", daemon.address, "d", str(tmp_path / "x"), check=False)
     assert r.returncode == 4 and "is a directory" in r.stderr
     src = random_file(tmp_path / "f.bin", 10)
+    (daemon.root / "d" / "f.bin").mkdir()  # put f.bin d goes inside d, as cp does
     r = cli("put", "-s", daemon.address, str(src), "d", check=False)
     assert r.returncode == 4 and "is a directory" in r.stderr
     assert not list(tmp_path.glob(".x.filesrv-part*"))
