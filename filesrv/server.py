@@ -217,10 +217,16 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     # -- commands
 
     def _ls(self, request: ListDir) -> None:
+        skipped: list[str] = []  # names on disk that are not UTF-8: left out, counted
         entries = self.server.storage.list_dir(parse_path(request.path, allow_root=True),
-                                               recursive=request.recursive)
+                                               recursive=request.recursive,
+                                               on_skip=skipped.append)
         body = encode_listing(entries)
-        self.channel.send_header(ok_reply(length=len(body), count=len(entries)))
+        extra = {"skipped": len(skipped)} if skipped else {}
+        if skipped:
+            log(f"{self.peer} ls {request.path[:200]!r} left out {len(skipped)} name(s) "
+                f"that are not valid UTF-8, e.g. {skipped[0][:200]!r}")
+        self.channel.send_header(ok_reply(length=len(body), count=len(entries), **extra))
         self.channel.send_bytes(body)
         self.moved = len(body)
 

@@ -21,7 +21,7 @@ import signal
 import stat
 import struct
 import time
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import xxhash
 
@@ -72,6 +72,8 @@ class Storage:
         self.buffer_size = buffer_size
         self.root_fd = os.open(self.root, _DIR_FLAGS)
         self.state_fd = self._ensure_dir(self.root_fd, RESERVED_NAME)
+        state = os.fstat(self.state_fd)
+        self.state_identity = (state.st_dev, state.st_ino)  # hidden by identity, not name
         self.partials_fd = self._ensure_dir(self.state_fd, "partials")
         self.digests_fd = self._ensure_dir(self.state_fd, "digests")
         self.trash_fd = self._ensure_dir(self.state_fd, "trash")
@@ -91,12 +93,14 @@ class Storage:
                  ) -> tuple[int, str | None] | None:
         """Walk `parts` from the root: (fd of the parent directory, final name).
 
-        The final name is None for the root itself.  Symlinks are spliced in
-        and must stay inside the root.  With `missing_parents_ok`, a missing
-        parent directory returns None instead of raising NotFound.
-        The caller closes the returned fd.
+        The final name is None only for the root itself (also when a symlink such as
+        `here -> .` leads back to it); a path that ends in a directory reached through
+        a symlink (`d/`, `.`) is named in its parent like any other.  Symlinks are
+        spliced in and must stay inside the root.  With `missing_parents_ok`, a missing
+        parent directory returns None instead of raising NotFound.  Only one directory
+        is held open at a time.  The caller closes the returned fd.
         """
-        stack = [os.dup(self.root_fd)]
+        walk = _DirWalk(self.root_fd)
         todo = list(parts)
         hops = 0
         try:
@@ -105,53 +109,71 @@ class Storage:
                 if name in ("", "."):
                     continue
                 if name == "..":
-                    if len(stack) == 1:
+                    if walk.depth == 0:
                         raise BadPath("path leads outside the root")
-                    os.close(stack.pop())
+                    walk.up()
                     continue
-                if len(stack) == 1 and name == RESERVED_NAME:
+                if walk.depth == 0 and name == RESERVED_NAME:
                     raise BadPath(f"{RESERVED_NAME!r} is reserved for the server")
                 is_last = not todo
                 try:
-                    st = os.stat(name, dir_fd=stack[-1], follow_symlinks=False)
+                    st = os.stat(name, dir_fd=walk.fd, follow_symlinks=False)
                 except FileNotFoundError:
                     if is_last:
-                        return stack.pop(), name
+                        return walk.release(), name
                     if create_parents:
-                        self._mkdir(stack[-1], name)
-                        stack.append(os.open(name, _DIR_FLAGS, dir_fd=stack[-1]))
+                        self._mkdir(walk.fd, name)
+                        walk.down(name)
                         continue
                     if missing_parents_ok:
                         return None
                     raise NotFound(f"no such directory: {name!r}") from None
                 except NotADirectoryError:
                     raise NotADirectory("a parent in the path is not a directory") from None
+                if (st.st_dev, st.st_ino) == self.state_identity:  # e.g. reached by a bind mount
+                    raise BadPath(f"{RESERVED_NAME!r} is reserved for the server")
                 if stat.S_ISLNK(st.st_mode) and (follow_last or not is_last):
                     hops += 1
                     if hops > _MAX_SYMLINK_HOPS:
                         raise BadPath("too many levels of symbolic links")
-                    target = os.readlink(name, dir_fd=stack[-1])
+                    target = os.readlink(name, dir_fd=walk.fd)
                     if target.startswith("/"):
                         target = self._inside_root(target)
-                        for fd in stack[1:]:
-                            os.close(fd)
-                        del stack[1:]
+                        walk.restart()
                     todo[:0] = target.split("/")
                     continue
                 if is_last:
-                    return stack.pop(), name
+                    return walk.release(), name
                 if not stat.S_ISDIR(st.st_mode):
                     raise NotADirectory(f"{name!r} in the path is not a directory")
                 try:
-                    stack.append(os.open(name, _DIR_FLAGS, dir_fd=stack[-1]))
+                    walk.down(name, st)
                 except NotADirectoryError:  # swapped for a symlink or file since the stat
                     raise BadPath(f"{name!r} changed while the path was resolved") from None
-            return stack.pop(), None
+            if walk.depth == 0:
+                return walk.release(), None
+            # ended in a directory through a symlink or "..": its name in its parent
+            name = walk.name
+            walk.up()
+            return walk.release(), name
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # swapped for a symlink since the stat
+                raise BadPath("a directory in the path changed while it was resolved"
+                              ) from None
             raise io_error(exc, "resolving a path") from None
         finally:
-            for fd in stack:
-                os.close(fd)
+            walk.close()
+
+    def _resolve_entry(self, parts: tuple[str, ...], **options: bool) -> tuple[int, str]:
+        """_resolve for a path that must name an entry of a directory: IsADirectory when
+        it leads back to the root itself (a symlink to `.`)."""
+        resolved = self._resolve(parts, **options)
+        assert resolved is not None
+        parent_fd, name = resolved
+        if name is None:
+            os.close(parent_fd)
+            raise IsADirectory(f"{'/'.join(parts)!r} is the root directory")
+        return parent_fd, name
 
     def _inside_root(self, target: str) -> str:
         rel = os.path.relpath(os.path.normpath(target), self.root)
@@ -188,9 +210,7 @@ class Storage:
     def open_for_read(self, parts: tuple[str, ...]) -> ReadableFile:
         if not parts:
             raise IsADirectory("the root is a directory")
-        resolved = self._resolve(parts)
-        assert resolved is not None
-        parent_fd, name = resolved
+        parent_fd, name = self._resolve_entry(parts)
         try:
             return self._open_readable(parent_fd, name, "/".join(parts))
         except _SymlinkAtName:  # _resolve followed the link: a new one appeared since
@@ -278,55 +298,66 @@ class Storage:
 
     # ------------------------------------------------------------ listing
 
-    def list_dir(self, parts: tuple[str, ...], recursive: bool = False) -> list[Entry]:
+    def list_dir(self, parts: tuple[str, ...], recursive: bool = False,
+                 on_skip: Callable[[str], None] | None = None) -> list[Entry]:
         """Entries of one directory, or (recursive) of its whole tree with relative names.
 
         A recursive walk does not descend into symlinked directories (no cycles). Each
         subdirectory is opened from its parent's fd (O_NOFOLLOW), not resolved again from
-        the root, and only the directories on the current path are held open.
+        the root, and only one directory is held open however deep the tree. A name that
+        is not valid UTF-8 cannot be sent: it is left out (a directory with all it holds)
+        and `on_skip` is told, with the name escaped.
         """
         entries: list[Entry] = []
-        # depth first: (fd, path parts, name prefix, subdirectories still to visit); a
-        # directory is on the stack before it is listed, so its fd is closed if that fails
-        stack: list[tuple[int, tuple[str, ...], str, Iterator[str]]] = []
+        top_fd = self._open_dir(parts)
         try:
-            top_fd = self._open_dir(parts)
-            stack.append((top_fd, parts, "", iter(())))
-            subdirs = self._list_one(parts, top_fd, "", entries)
-            stack[-1] = (top_fd, parts, "", iter(subdirs if recursive else ()))
-            while stack:
-                dir_fd, where, prefix, todo = stack[-1]
-                name = next(todo, None)
-                if name is None:
-                    os.close(stack.pop()[0])
+            walk = _DirWalk(top_fd)
+        finally:
+            os.close(top_fd)
+        try:
+            # depth first; for each directory on the way down, its subdirectories to visit
+            pending = [self._list_one(parts, walk.fd, "", entries, on_skip)]
+            if not recursive:
+                pending[0] = []
+            where = list(parts)
+            while pending:
+                if not pending[-1]:
+                    pending.pop()
+                    if walk.depth:
+                        walk.up()
+                        where.pop()
                     continue
+                name = pending[-1].pop()
                 try:
-                    sub_fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                    walk.down(name)
                 except (FileNotFoundError, NotADirectoryError):
                     continue  # removed since it was listed
                 except OSError as exc:
                     if exc.errno == errno.ELOOP:
                         continue  # replaced by a symlink since it was listed
                     raise
-                sub_parts, sub_prefix = where + (name,), f"{prefix}{name}/"
-                stack.append((sub_fd, sub_parts, sub_prefix, iter(())))
-                listed = self._list_one(sub_parts, sub_fd, sub_prefix, entries)
-                stack[-1] = (sub_fd, sub_parts, sub_prefix, iter(listed))
+                where.append(name)
+                prefix = "/".join(where[len(parts):]) + "/"
+                pending.append(self._list_one(tuple(where), walk.fd, prefix, entries, on_skip))
         except OSError as exc:  # e.g. a directory the daemon may not read: say so
             raise io_error(exc, "listing a directory") from None
         finally:
-            for dir_fd, *_ in stack:
-                os.close(dir_fd)
+            walk.close()
         entries.sort(key=lambda e: e.name)
         return entries
 
     def _list_one(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
-                  entries: list[Entry]) -> list[str]:
+                  entries: list[Entry], on_skip: Callable[[str], None] | None) -> list[str]:
         """Append one directory's entries (names after `prefix`); its real subdirectories."""
         subdirs = []
         with os.scandir(dir_fd) as it:
             for item in it:
-                if not parts and item.name == RESERVED_NAME:
+                if item.name == RESERVED_NAME and self._is_state_dir(item):
+                    continue  # also when the root is listed through a symlink to it
+                if not _is_utf8(item.name):
+                    if on_skip is not None:
+                        on_skip(prefix + item.name.encode("utf-8", "surrogateescape")
+                                .decode("ascii", "backslashreplace"))
                     continue
                 entry = self._entry(parts, item, prefix + item.name)
                 if entry is None:
@@ -334,7 +365,15 @@ class Storage:
                 entries.append(entry)
                 if entry.type == "dir" and item.is_dir(follow_symlinks=False):
                     subdirs.append(item.name)
+        subdirs.reverse()  # visited by pop(): in the order they were read
         return subdirs
+
+    def _is_state_dir(self, item: os.DirEntry) -> bool:
+        try:
+            st = item.stat(follow_symlinks=False)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self.state_identity
 
     def _entry(self, parts: tuple[str, ...], item: os.DirEntry, name: str) -> Entry | None:
         try:
@@ -372,9 +411,7 @@ class Storage:
         """Delete a file, a symlink (not its target) or, if recursive, a tree; the count."""
         if not parts:
             raise BadPath("refusing to remove the root")
-        resolved = self._resolve(parts, follow_last=False)
-        assert resolved is not None
-        parent_fd, name = resolved
+        parent_fd, name = self._resolve_entry(parts, follow_last=False)
         shown = "/".join(parts)
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
@@ -397,13 +434,9 @@ class Storage:
             raise BadPath("the root cannot be moved or replaced")
         if dst[: len(src)] == src:
             raise BadPath("cannot move a directory into itself")
-        src_resolved = self._resolve(src, follow_last=False)
-        assert src_resolved is not None
-        src_fd, src_name = src_resolved
+        src_fd, src_name = self._resolve_entry(src, follow_last=False)
         try:
-            dst_resolved = self._resolve(dst, follow_last=False)
-            assert dst_resolved is not None
-            dst_fd, dst_name = dst_resolved
+            dst_fd, dst_name = self._resolve_entry(dst, follow_last=False)
             try:
                 try:
                     existing = os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
@@ -433,6 +466,11 @@ class Storage:
         resolved = self._resolve(parts, create_parents=parents)
         assert resolved is not None
         parent_fd, name = resolved
+        if name is None:  # a symlink back to the root: it exists
+            os.close(parent_fd)
+            if parents:
+                return
+            raise AlreadyExists(f"{'/'.join(parts)!r} already exists (the root)")
         try:
             os.mkdir(name, 0o755, dir_fd=parent_fd)
         except FileExistsError:
@@ -516,6 +554,9 @@ class Storage:
         if resolved is None:
             return
         parent_fd, name = resolved
+        if name is None:
+            os.close(parent_fd)
+            raise IsADirectory(f"{'/'.join(parts)!r} is the root directory")
         try:
             st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:
@@ -557,9 +598,7 @@ class Storage:
         its blocks (seconds for a big file on some disks); the caller deletes it
         with `empty_trash` once the client has its answer.  Returns that name.
         """
-        resolved = self._resolve(parts, create_parents=True)
-        assert resolved is not None
-        parent_fd, name = resolved
+        parent_fd, name = self._resolve_entry(parts, create_parents=True)
         trashed = f"{partial_name}.{os.getpid()}.old"
         try:
             try:
@@ -684,9 +723,7 @@ class BatchUpload:
             os.rename(name, parts[-1], src_dir_fd=partials_fd, dst_dir_fd=parent_fd)
             return
         # a symlink inside the root: its target gets the bytes, as for a single put
-        resolved = self.storage._resolve(parts, create_parents=True)
-        assert resolved is not None
-        target_parent, final = resolved
+        target_parent, final = self.storage._resolve_entry(parts, create_parents=True)
         try:
             os.rename(name, final, src_dir_fd=partials_fd, dst_dir_fd=target_parent)
         finally:
@@ -710,31 +747,129 @@ def _write_all(fd: int, data: memoryview, position: int, what: str) -> None:
         raise io_error(exc, what) from None
 
 
-def _remove_tree(parent_fd: int, name: str) -> int:
-    """Delete a directory tree through directory fds (no symlink is ever followed)."""
-    count = 0
-    stack = [(parent_fd, name, os.open(name, _DIR_FLAGS, dir_fd=parent_fd), False)]
+class _DirWalk:
+    """A position inside a directory tree: one open directory and the names that led there.
+
+    Only the current directory is held open, so descriptors stay bounded however deep a
+    walk goes (a path may have 2,048 components; a tree on disk, any depth). Going up
+    re-opens ".." and checks that it is the directory the walk came down from, so a
+    directory moved away meanwhile can never lead the walk out of where it started.
+    """
+
+    def __init__(self, start_fd: int) -> None:
+        """Start at (a duplicate of) start_fd; the caller keeps its own open meanwhile."""
+        self._start_fd = start_fd
+        self.fd = os.dup(start_fd)
+        st = os.fstat(self.fd)
+        self._names: list[str] = []
+        self._identities = [(st.st_dev, st.st_ino)]  # of each directory on the way down
+
+    @property
+    def depth(self) -> int:
+        return len(self._names)
+
+    @property
+    def name(self) -> str:
+        """The current directory's name in its parent (depth > 0)."""
+        return self._names[-1]
+
+    def down(self, name: str, st: os.stat_result | None = None) -> None:
+        """Enter the real directory `name` (never through a symlink: ELOOP/ENOTDIR)."""
+        fd = os.open(name, _DIR_FLAGS, dir_fd=self.fd)
+        if st is None:
+            st = os.fstat(fd)
+        os.close(self.fd)
+        self.fd = fd
+        self._names.append(name)
+        self._identities.append((st.st_dev, st.st_ino))
+
+    def up(self) -> None:
+        """Back to the parent; BadPath if it is no longer the directory come down from."""
+        parent = os.open("..", _DIR_FLAGS, dir_fd=self.fd)
+        st = os.fstat(parent)
+        if (st.st_dev, st.st_ino) != self._identities[-2]:
+            os.close(parent)
+            raise BadPath(f"{self._names[-1]!r} was moved while it was walked")
+        os.close(self.fd)
+        self.fd = parent
+        self._names.pop()
+        self._identities.pop()
+
+    def restart(self) -> None:
+        """Back to where the walk started (the root, for an absolute symlink target)."""
+        fd = os.dup(self._start_fd)
+        os.close(self.fd)
+        self.fd = fd
+        del self._names[:], self._identities[1:]
+
+    def release(self) -> int:
+        """The current directory's fd, now the caller's to close."""
+        fd, self.fd = self.fd, -1
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name on disk whose bytes are not UTF-8: Python carries them as
+    surrogate escapes, which no JSON reply can hold."""
+    if name.isascii():
+        return True
     try:
-        while stack:
-            up_fd, dir_name, fd, scanned = stack.pop()
-            if scanned:
-                os.close(fd)
-                os.rmdir(dir_name, dir_fd=up_fd)
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _remove_tree(parent_fd: int, name: str) -> int:
+    """Delete a directory tree through directory fds (no symlink is ever followed).
+
+    Depth first with one directory open at a time (plus the caller's parent_fd), so
+    neither a wide nor a deep tree can run the process out of descriptors.
+    """
+    count = 0
+    walk = _DirWalk(parent_fd)
+    try:
+        walk.down(name)
+        pending: list[list[str]] = []  # per directory on the way down: subdirectories left
+        entered = True
+        while True:
+            if entered:
+                subdirs, unlinked = _clear_files(walk.fd)
+                pending.append(subdirs)
+                count += unlinked
+            while pending and not pending[-1]:
+                pending.pop()
+                done = walk.name
+                walk.up()
+                os.rmdir(done, dir_fd=walk.fd)
                 count += 1
-                continue
-            stack.append((up_fd, dir_name, fd, True))
-            with os.scandir(fd) as it:
-                for item in list(it):
-                    if item.is_dir(follow_symlinks=False):
-                        child = os.open(item.name, _DIR_FLAGS, dir_fd=fd)
-                        stack.append((fd, item.name, child, False))
-                    else:
-                        os.unlink(item.name, dir_fd=fd)
-                        count += 1
+            if not pending:
+                return count
+            try:
+                walk.down(pending[-1].pop())
+                entered = True
+            except FileNotFoundError:  # removed by someone else meanwhile
+                entered = False
     finally:
-        for _, _, fd, _ in stack:
-            os.close(fd)
-    return count
+        walk.close()
+
+
+def _clear_files(dir_fd: int) -> tuple[list[str], int]:
+    """Unlink everything in a directory but its subdirectories: (their names, unlinked)."""
+    subdirs = []
+    with os.scandir(dir_fd) as it:
+        items = list(it)
+    for item in items:
+        if item.is_dir(follow_symlinks=False):
+            subdirs.append(item.name)
+        else:
+            os.unlink(item.name, dir_fd=dir_fd)
+    return subdirs, len(items) - len(subdirs)
 
 
 def _lock_holder(fd: int) -> int:
