@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -42,6 +43,11 @@ RETRIES = 5               # reconnect-and-resume attempts after a connection is 
 RETRY_BACKOFF = 0.5       # seconds before the first of them; doubles each time...
 RETRY_BACKOFF_MAX = 8.0   # ...up to this: 0.5 + 1 + 2 + 4 + 8 = 15.5 s with the defaults
 PARTIAL_SUFFIX = ".filesrv-part"
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, tmpfs)
+# what a partial's longest companion adds to its destination's name: "." + ".json.tmp"
+_PARTIAL_EXTRA_BYTES = len(f".{PARTIAL_SUFFIX}.json.tmp")
+# a shortened partial name: "." + prefix + "~" + 32 hex digits + suffix + ".json.tmp"
+_PARTIAL_PREFIX_BYTES = NAME_MAX - _PARTIAL_EXTRA_BYTES - 33
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 # Trees: files up to BATCH_FILE_MAX travel many to an exchange (put_files/get_files), in
@@ -1067,11 +1073,29 @@ def _join(base: str, rel: str) -> str:
     return f"{base}/{rel}" if base else rel
 
 
+def partial_name(name: str) -> str:
+    """The partial's file name for destination `name`: `.NAME.filesrv-part`, shortened
+    when that (or its `.json.tmp` companion) would exceed NAME_MAX.
+
+    A shortened name keeps a readable prefix of NAME and adds a digest of the whole
+    NAME, so it is the same on every run (resume finds it) and differs between names.
+    """
+    encoded = os.fsencode(name)
+    if len(encoded) + _PARTIAL_EXTRA_BYTES <= NAME_MAX:
+        return f".{name}{PARTIAL_SUFFIX}"
+    digest = hashlib.sha256(encoded).hexdigest()[:32]
+    cut = _PARTIAL_PREFIX_BYTES
+    while cut and encoded[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
+        cut -= 1
+    return f".{os.fsdecode(encoded[:cut])}~{digest}{PARTIAL_SUFFIX}"
+
+
 class LocalPartial:
     """The client's partial download beside its destination, locked while in use.
 
     `.NAME.filesrv-part` holds the bytes; `.NAME.filesrv-part.json` remembers
     which remote file version (etag) they came from, the resume precondition.
+    For names too long for that, see partial_name().
     """
 
     def __init__(self, destination: str, durable: bool = True) -> None:
@@ -1079,7 +1103,7 @@ class LocalPartial:
         self.durable = durable
         folder, name = os.path.split(os.path.abspath(destination))
         self.folder = folder
-        self.path = os.path.join(folder, f".{name}{PARTIAL_SUFFIX}")
+        self.path = os.path.join(folder, partial_name(name))
         self.meta_path = self.path + ".json"
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
         try:
