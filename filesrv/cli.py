@@ -46,7 +46,7 @@ then the file.
 exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
 4 not found or wrong type, 5 refused request, path, size or read-only, 6
 integrity, 7 no space or I/O error on the server, 8 busy, 9 local file error,
-10 authentication failed, 130 interrupted.
+10 authentication failed, 11 malformed reply from the server, 130 interrupted.
 """
 
 SERVE_EXAMPLES = """\

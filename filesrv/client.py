@@ -17,12 +17,14 @@ import socket
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 
 import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
-                     FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound)
+                     FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound,
+                     ProtocolError)
 from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_IDENTICAL, Auth,
                        Commit, Data, Entry, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, StatReply, auth_proof, check_reply,
@@ -32,7 +34,7 @@ from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_ID
                        parse_removed_reply, parse_stat_reply)
 from .durability import Writeback, flush_filesystem
 from .hashing import hash_fd_range
-from .transport import Channel, PeerClosed
+from .transport import Channel, PeerClosed, TornFrame
 
 DEFAULT_PORT = 8750
 DEFAULT_BUFFER_SIZE = 1024 * 1024
@@ -260,7 +262,7 @@ class Client:
                 if self.token is None:
                     raise AuthFailed("authentication failed: the server requires a token "
                                      "(--token-file or FILESRV_TOKEN)")
-                parse_hello_reply(self._read(channel))
+                self._reply(parse_hello_reply, channel)
                 self._authenticate(channel, greeting.nonce)
                 if first_request is not None:
                     channel.send_bytes(first_request)
@@ -300,7 +302,7 @@ class Client:
         proof = auth_proof(self.token, nonce)
         channel.send_frame(Auth(proof=proof).frame())
         try:
-            check_reply(self._read(channel))
+            self._reply(check_reply, channel)
         except AuthFailed:
             raise AuthFailed("authentication failed: the server refused the token") from None
 
@@ -322,13 +324,25 @@ class Client:
             parse_hello_reply(channel.read_header())
         return channel.read_header()
 
-    def _read(self, channel: Channel | None = None) -> dict[str, Any]:
+    def _reply(self, parse: Callable[[dict[str, Any]], _T], channel: Channel | None = None
+               ) -> _T:
+        """The next reply, parsed; its failures mapped by _server_failures."""
+        with self._server_failures():
+            return parse(self._next_header(channel or self.channel))
+
+    @contextmanager
+    def _server_failures(self) -> Iterator[None]:
+        """Around reading from the server: failures mapped by _server_failure; after a
+        broken connection or a broken reply the connection is out of step, and closed."""
         try:
-            return self._next_header(channel or self.channel)
-        except PeerClosed:
-            raise ConnectionFailed("the server closed the connection") from None
-        except OSError as exc:
-            raise ConnectionFailed(f"connection to the server failed: {exc}") from None
+            yield
+        except (PeerClosed, BadRequest, OSError) as exc:
+            mapped = _server_failure(exc)
+            if isinstance(mapped, (ConnectionFailed, ProtocolError)):
+                self.close()
+            if mapped is exc:
+                raise
+            raise mapped from None
 
     def _request(self, frame: bytes) -> None:
         """Send the request that starts a command; on a new connection, with the hello."""
@@ -353,7 +367,8 @@ class Client:
             self.close()
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
         self.close()
-        parse_put_reply(header)  # raises the server's error
+        with self._server_failures():
+            parse_put_reply(header)  # raises the server's error
         raise ConnectionFailed(f"connection to the server broke: {exc}")
 
     def _buffer(self, needed: int) -> bytearray:
@@ -370,12 +385,13 @@ class Client:
     def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
         """One directory's entries; recursive: the whole tree, names relative to `path`."""
         parse_path(path, allow_root=True)
+        return self._retrying(lambda: self._ls_once(path, recursive))
+
+    def _ls_once(self, path: str, recursive: bool) -> list[Entry]:
         self._request(ListDir(path=path, recursive=recursive).frame())
-        length = parse_list_reply(self._read())
-        try:
+        length = self._reply(parse_list_reply)
+        with self._server_failures():
             return decode_listing(self.channel.read_body(length))
-        except OSError as exc:
-            raise ConnectionFailed(f"connection to the server failed: {exc}") from None
 
     def _retrying(self, attempt: Callable[[], _T]) -> _T:
         """Run a transfer attempt; after a cut connection reconnect and run it again.
@@ -399,8 +415,11 @@ class Client:
     def stat(self, path: str) -> StatReply:
         """type ("file"/"dir"), size, mtime and, for files, the XXH3-128 digest."""
         parse_path(path, allow_root=True)
+        return self._retrying(lambda: self._stat_once(path))
+
+    def _stat_once(self, path: str) -> StatReply:
         self._request(Stat(path=path).frame())
-        return parse_stat_reply(self._read())
+        return self._reply(parse_stat_reply)
 
     def _remote_file(self, path: str) -> StatReply | None:
         try:
@@ -425,40 +444,48 @@ class Client:
         files = [e for e in self.ls(base, recursive=True) if e.type == "file"]
         start = 0
         while start < len(files):
-            frames, end, size = [], start, 0
-            while end < len(files) and size < AHEAD_BYTES:
-                frames.append(Stat(path=_join(base, files[end].name)).frame())
+            names, frames, size = [], [], 0
+            while start + len(names) < len(files) and size < AHEAD_BYTES:
+                names.append(files[start + len(names)].name)
+                frames.append(Stat(path=_join(base, names[-1])).frame())
                 size += len(frames[-1])
-                end += 1
-            self._request(b"".join(frames))
-            for entry in files[start:end]:
-                try:
-                    info = parse_stat_reply(self._read())
-                    if info.xxh128 is None:
-                        raise IsADirectory(f"{entry.name!r} became a directory")
-                except FilesrvError:
-                    self.close()  # the other replies of this run are unread
-                    raise
-                yield entry.name, info.size, info.xxh128
-            start = end
+            # a run is read whole before it is yielded, so a cut connection retries it
+            request = b"".join(frames)
+            yield from self._retrying(lambda: self._hash_run(names, request))
+            start += len(names)
+
+    def _hash_run(self, names: list[str], request: bytes) -> list[tuple[str, int, str]]:
+        """One pipelined run of stat requests: (name, size, XXH3-128) of each."""
+        self._request(request)
+        out = []
+        for name in names:
+            try:
+                info = self._reply(parse_stat_reply)
+                if info.xxh128 is None:
+                    raise IsADirectory(f"{name!r} became a directory")
+            except FilesrvError:
+                self.close()  # the other replies of this run are unread
+                raise
+            out.append((name, info.size, info.xxh128))
+        return out
 
     def rm(self, path: str, recursive: bool = False) -> int:
         """Delete a file (or with recursive, a directory tree); how many entries went."""
         parse_path(path, allow_root=True)
         self._request(Remove(path=path, recursive=recursive).frame())
-        return parse_removed_reply(self._read())
+        return self._reply(parse_removed_reply)
 
     def mv(self, src: str, dst: str) -> None:
         """Rename within the server's root, atomically."""
         parse_path(src, allow_root=True)
         parse_path(dst, allow_root=True)
         self._request(Move(src=src, dst=dst).frame())
-        check_reply(self._read())
+        self._reply(check_reply)
 
     def mkdir(self, path: str, parents: bool = False) -> None:
         parse_path(path, allow_root=True)
         self._request(MakeDir(path=path, parents=parents).frame())
-        check_reply(self._read())
+        self._reply(check_reply)
 
     # ------------------------------------------------------------ get
 
@@ -497,7 +524,7 @@ class Client:
                   ) -> tuple[int, int, str] | None:
         offset, etag = partial.resume_point(remote)
         self._request(Get(path=remote, offset=offset, if_match=etag).frame())
-        reply = parse_get_reply(self._read())
+        reply = self._reply(parse_get_reply)
         if reply.offset != offset:
             partial.truncate(reply.offset)
         if reply.length >= RESUMABLE_BODY:
@@ -538,11 +565,12 @@ class Client:
         while position < end:
             try:
                 got = channel.read_body_into(view[: min(len(view), end - position)])
-            except (OSError, BadRequest) as exc:
+            except (OSError, TornFrame) as exc:  # mapped here, not per read: the hot loop
                 self.close()
                 raise ConnectionFailed(
-                    f"connection lost after {position} of {size} bytes ({exc}); "
-                    "run the same command again to resume") from None
+                    f"connection lost after {position} of {size} bytes "
+                    f"({_server_failure(exc).message}); run the same command again to "
+                    "resume") from None
             chunk = view[:got]
             partial.write(chunk, position)
             hasher.update(chunk)
@@ -595,10 +623,10 @@ class Client:
         """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
         size = st.st_size
         self._request(Put(path=remote, size=size, source=source_tag(st)).frame())
-        offset = parse_put_reply(self._read()).offset
+        offset = self._reply(parse_put_reply).offset
         if offset > size:
             self.close()
-            raise BadRequest(f"server offered to resume at {offset}, beyond {size}")
+            raise ProtocolError(f"server offered to resume at {offset}, beyond {size}")
         hasher = xxhash.xxh3_128()
         try:
             hash_fd_range(fd, 0, offset, hasher, self._buffer(offset))
@@ -609,7 +637,7 @@ class Client:
         self._send_body(fd, offset, size, hasher, progress)
         self._send(Commit(xxh128=hasher.hexdigest()).frame())
         try:
-            reply = parse_commit_reply(self._read())
+            reply = self._reply(parse_commit_reply)
         except IntegrityError:
             if offset:
                 return None
@@ -713,7 +741,7 @@ class Client:
         started = time.monotonic()
         manifest, bodies = prepared.manifest, prepared.bodies
         self._request(prepared.request)
-        need = parse_need_reply(self._read(), len(manifest))
+        need = self._reply(lambda h: parse_need_reply(h, len(manifest)))
         pending = [Data(length=sum(len(bodies[i]) for i in need)).frame()]
         pending_bytes = 0
         limiter = RateLimiter(self.limit_rate)
@@ -726,7 +754,7 @@ class Client:
                 pending, pending_bytes = [], 0
         self._send(b"".join(pending))
         sent()
-        failed = parse_placed_reply(self._read(), len(manifest))
+        failed = self._reply(lambda h: parse_placed_reply(h, len(manifest)))
         if failed:
             index, error = min(failed.items())
             raise type(error)(f"{manifest[index]['path']}: {error.message}")
@@ -750,7 +778,7 @@ class Client:
             try:
                 parse_path(entry.name)
             except FilesrvError:
-                raise BadRequest(f"server listed an unsafe name {entry.name!r}") from None
+                raise ProtocolError(f"server listed an unsafe name {entry.name!r}") from None
         os.makedirs(local_dir, exist_ok=True)
         results, done = _tree_report(progress, on_file)
 
@@ -805,7 +833,7 @@ class Client:
             self._sent_ahead = _SentAhead(self._channel, ahead, upcoming)
         if not plan.wanted:
             return plan.kept  # type: ignore[return-value]
-        check_reply(self._read())
+        self._reply(check_reply)
         received = iter(self._receive_files(plan.wanted, started))
         return [r if r is not None else next(received) for r in plan.kept]
 
@@ -821,13 +849,13 @@ class Client:
         limiter = RateLimiter(self.limit_rate)  # one for the batch: --limit-rate holds
         try:
             for remote, local, have in wanted:
-                reply = parse_file_reply(self._read())
+                reply = self._reply(parse_file_reply)
                 if reply.length == 0 and reply.xxh128 == have:
                     out.append(TransferResult(normalize_path(remote), reply.size, 0,
                                               reply.xxh128, time.monotonic() - started, True))
                     continue
                 if reply.length != reply.size:
-                    raise BadRequest("the server sent no body for a changed file")
+                    raise ProtocolError("the server sent no body for a changed file")
                 partial = self._store_received(remote, local, reply.size, reply.xxh128,
                                                limiter)
                 if self.durable:
@@ -928,6 +956,22 @@ def plan_local_tree(local_dir: str) -> TreePlan:
             elif stat.S_ISLNK(st.st_mode):
                 links.append(prefix + name)
     return TreePlan(dirs, files, links)
+
+
+def _server_failure(exc: BaseException) -> BaseException:
+    """What a failure between the client and the server means, mapped once (as httpcore's
+    map_exceptions): a broken, closed or cut connection, a frame torn anywhere, is
+    ConnectionFailed, which --retries reconnects and resumes after; a reply that breaks the
+    protocol is ProtocolError; the server's own errors, and the rest, stay as they are."""
+    if isinstance(exc, PeerClosed):
+        return ConnectionFailed("the server closed the connection")
+    if isinstance(exc, TornFrame):
+        return ConnectionFailed(f"the connection to the server broke ({exc.message})")
+    if isinstance(exc, BadRequest) and not exc.from_peer:
+        return ProtocolError(f"malformed reply from the server: {exc.message}")
+    if isinstance(exc, OSError):
+        return ConnectionFailed(f"connection to the server failed: {exc.strerror or exc}")
+    return exc
 
 
 def _mismatch(remote: str) -> IntegrityError:

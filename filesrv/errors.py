@@ -13,6 +13,7 @@ class FilesrvError(Exception):
 
     code = "error"
     exit_status = 1
+    from_peer = False  # set on errors the peer sent (error_from_code), not found here
 
     def __init__(self, message: str = "") -> None:
         super().__init__(message or self.code.replace("_", " "))
@@ -136,6 +137,14 @@ class ConnectionFailed(FilesrvError):
         self.retryable = retryable  # worth reconnecting and resuming
 
 
+class ProtocolError(FilesrvError):
+    """Client side only: the server's reply broke the protocol (a malformed frame, a
+    field of the wrong type, a body that is not what its header said)."""
+
+    code = "protocol"
+    exit_status = 11
+
+
 class LocalError(FilesrvError):
     """Client side only: a local file could not be read or written."""
 
@@ -166,5 +175,7 @@ def error_from_code(code: str, message: str) -> FilesrvError:
     if cls is None:
         err = FilesrvError(f"{message} ({code})")
         err.code = code
-        return err
-    return cls(message)
+    else:
+        err = cls(message)
+    err.from_peer = True
+    return err

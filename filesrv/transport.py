@@ -20,6 +20,14 @@ class PeerClosed(Exception):
     """The peer closed the connection cleanly between two frames."""
 
 
+class TornFrame(BadRequest):
+    """The connection ended in the middle of a frame (a header or a body).
+
+    A BadRequest to the server, which cannot resync; the client treats it as the
+    connection failure it is (the peer, or the network, cut it).
+    """
+
+
 class Channel:
     """One framed connection: send headers and bodies, receive headers and bodies."""
 
@@ -39,7 +47,7 @@ class Channel:
 
     # -- receiving
     def read_header(self) -> dict[str, Any]:
-        """The next header; PeerClosed on a clean EOF before it, BadRequest on a torn one."""
+        """The next header; PeerClosed on a clean EOF before it, TornFrame on a torn one."""
         while True:
             header = self._frames.next_header()
             if header is not None:
@@ -47,19 +55,19 @@ class Channel:
             data = self.sock.recv(_HEADER_READ)
             if not data:
                 if self._frames.buffered:
-                    raise BadRequest("connection closed in the middle of a header")
+                    raise TornFrame("connection closed in the middle of a header")
                 raise PeerClosed()
             self._frames.feed(data)
 
     def read_body_into(self, view: memoryview) -> int:
-        """Receive up to len(view) body bytes into view; at least one, or BadRequest at EOF."""
+        """Receive up to len(view) body bytes into view; at least one, or TornFrame at EOF."""
         if self._frames.buffered:
             chunk = self._frames.take_body(len(view))
             view[: len(chunk)] = chunk
             return len(chunk)
         got = self.sock.recv_into(view)
         if got == 0:
-            raise BadRequest("connection closed in the middle of a body")
+            raise TornFrame("connection closed in the middle of a body")
         return got
 
     def read_body(self, length: int) -> bytes:

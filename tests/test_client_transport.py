@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
+import pytest
+import xxhash
 from conftest import CLI, ENV, random_file, xxh128_of
 
-from filesrv.client import Client
+from filesrv.client import Client, _server_failure
+from filesrv.errors import BadRequest, ConnectionFailed, ProtocolError, error_from_code
+from filesrv.protocol import Entry, FrameBuffer, encode_frame, encode_listing, greeting, ok_reply
+from filesrv.transport import PeerClosed, TornFrame
 
 
 def test_a_token_is_harmless_against_a_daemon_that_asks_for_none(daemon, tmp_path):
@@ -27,3 +38,169 @@ def test_a_token_is_harmless_against_a_daemon_that_asks_for_none(daemon, tmp_pat
         assert xxh128_of(tmp_path / "f.bin") == xxh128_of(daemon.root / "f.bin")
     with Client("127.0.0.1", daemon.port, token=b"s3cret", timeout=5, retries=0) as client:
         assert [e.name for e in client.ls()] == ["f.bin"]
+
+
+# ---------------------------------------------------------------- torn and malformed replies
+
+class FakeServer:
+    """A loopback server that greets as filesrv does, reads one request per connection and
+    answers it with `answers[n]` for the n-th connection (the last one for any later)."""
+
+    def __init__(self, answers: list[Callable[[socket.socket, dict[str, Any]], None]]) -> None:
+        self.answers = answers
+        self.requests: list[dict[str, Any]] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except (socket.timeout, TimeoutError):
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self._answer(conn)
+                except OSError:
+                    pass
+
+    def _answer(self, conn: socket.socket) -> None:
+        frames = FrameBuffer()
+
+        def next_header() -> dict[str, Any]:
+            while (header := frames.next_header()) is None:
+                data = conn.recv(65536)
+                if not data:
+                    raise ConnectionResetError("client left")
+                frames.feed(data)
+            return header
+
+        conn.sendall(encode_frame(greeting("fake/1", None)))
+        next_header()  # hello
+        conn.sendall(encode_frame(greeting("fake/1", None)))
+        request = next_header()
+        self.requests.append(request)
+        self.answers[min(len(self.requests), len(self.answers)) - 1](conn, request)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.listener.close()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[Callable[..., FakeServer]]:
+    servers: list[FakeServer] = []
+
+    def make(*answers: Callable[[socket.socket, dict[str, Any]], None]) -> FakeServer:
+        servers.append(FakeServer(list(answers)))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.stop()
+
+
+BODY = bytes(range(256)) * 40  # the fake server's one file, "f.bin"
+LISTING = encode_listing([Entry("a.txt", "file", 3, 1.0), Entry("sub", "dir", 0, 2.0)])
+
+
+def good_reply(request: dict[str, Any]) -> tuple[bytes, bytes]:
+    """(header frame, body) of a correct answer to an ls or a get of f.bin."""
+    if request["op"] == "ls":
+        return encode_frame(ok_reply(length=len(LISTING))), LISTING
+    offset = request["offset"]
+    header = ok_reply(size=len(BODY), offset=offset, length=len(BODY) - offset, etag="e1",
+                      xxh128=xxhash.xxh3_128_hexdigest(BODY))
+    return encode_frame(header), BODY[offset:]
+
+
+def answer_well(conn: socket.socket, request: dict[str, Any]) -> None:
+    conn.sendall(b"".join(good_reply(request)))
+
+
+def torn(where: str) -> Callable[[socket.socket, dict[str, Any]], None]:
+    """An answer cut at `where`, then the connection closed."""
+    def answer(conn: socket.socket, request: dict[str, Any]) -> None:
+        header, body = good_reply(request)
+        cut = {"mid-prefix": header[:2], "mid-header": header[: len(header) // 2],
+               "mid-body": header + body[: len(body) // 2]}[where]
+        conn.sendall(cut)
+    return answer
+
+
+def malformed(kind: str) -> Callable[[socket.socket, dict[str, Any]], None]:
+    def answer(conn: socket.socket, request: dict[str, Any]) -> None:
+        header, body = good_reply(request)
+        if kind == "garbage-header":
+            conn.sendall(struct.pack(">I", 9) + b"not json!")
+        elif kind == "wrong-field-type":
+            conn.sendall(encode_frame(ok_reply(length="many", size=None)))
+        else:  # an over-long length prefix
+            conn.sendall(struct.pack(">I", 1 << 30) + b"{}")
+        time.sleep(0.5)  # the client must not wait for the close to make up its mind
+    return answer
+
+
+def run_against(server: FakeServer, command: str, tmp_path: Path, *extra: str
+                ) -> subprocess.CompletedProcess[str]:
+    target = ["f.bin", str(tmp_path / "f.bin")] if command == "get" else []
+    return subprocess.run([*CLI, command, "-s", server.address, "--timeout", "10", *extra,
+                           *target], env=ENV, capture_output=True, text=True, timeout=60)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    return r.stderr
+
+
+@pytest.mark.parametrize("command", ["ls", "get"])
+@pytest.mark.parametrize("where", ["mid-prefix", "mid-header", "mid-body"])
+def test_a_reply_torn_anywhere_is_a_connection_failure(fake_server, tmp_path, command, where):
+    server = fake_server(torn(where))
+    r = run_against(server, command, tmp_path, "--retries", "0")
+    assert r.returncode == 3, r.stderr
+    assert "connection" in one_line_error(r)
+    assert not (tmp_path / "f.bin").exists()
+
+
+@pytest.mark.parametrize("command", ["ls", "get"])
+@pytest.mark.parametrize("where", ["mid-prefix", "mid-header", "mid-body"])
+def test_a_reply_torn_anywhere_is_retried(fake_server, tmp_path, command, where):
+    server = fake_server(torn(where), answer_well)
+    r = run_against(server, command, tmp_path, "--retries", "1")
+    assert r.returncode == 0, r.stderr
+    assert len(server.requests) == 2 and server.requests[0]["op"] == command
+    if command == "ls":
+        assert r.stdout == "a.txt\nsub/\n"
+    else:
+        assert (tmp_path / "f.bin").read_bytes() == BODY
+
+
+@pytest.mark.parametrize("command", ["ls", "get"])
+@pytest.mark.parametrize("kind", ["garbage-header", "wrong-field-type", "oversized-header"])
+def test_a_malformed_reply_is_a_protocol_error_not_a_refusal(fake_server, tmp_path, command,
+                                                           kind):
+    server = fake_server(malformed(kind), answer_well)
+    r = run_against(server, command, tmp_path, "--retries", "3")
+    assert r.returncode == ProtocolError.exit_status == 11, r.stderr
+    assert "malformed reply from the server" in one_line_error(r)
+    assert len(server.requests) == 1  # a broken server is not asked again
+    assert not (tmp_path / "f.bin").exists()
+
+
+def test_failure_mapping_keeps_the_servers_own_errors():
+    """The server's bad_request (it refused our request) stays a refusal, exit 5."""
+    from_server = error_from_code("bad_request", "no")
+    assert _server_failure(from_server) is from_server
+    assert isinstance(_server_failure(BadRequest("torn")), ProtocolError)
+    assert isinstance(_server_failure(TornFrame("cut")), ConnectionFailed)
+    assert isinstance(_server_failure(PeerClosed()), ConnectionFailed)
+    assert isinstance(_server_failure(ConnectionResetError(104, "reset")), ConnectionFailed)
+    assert _server_failure(ConnectionResetError()).retryable  # type: ignore[attr-defined]
