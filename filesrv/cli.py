@@ -240,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
                              help="machine-readable output on stdout")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
                              help="give up on a silent server after this long (default: 60)")
+    client_opts.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
+                             help="when a connection is cut (mid-transfer, or a reply torn, "
+                             "or the server restarts), reconnect and resume up to N times, "
+                             "waiting 0.5 s, 1 s, 2 s, 4 s, 8 s, 8 s... in between: with the "
+                             "default 5, about 15 s in all; 0 gives up at once (default: 5)")
     client_opts.add_argument("--token-file", metavar="FILE",
                              help="token for a server started with --token-file (default: "
                              "the token in $FILESRV_TOKEN, if set)")
@@ -258,11 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="cap the transfer rate, e.g. 10M (K/M/G are powers of 1024)")
     transfer.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
                           metavar="BYTES", help="transfer buffer (default: 1M)")
-    transfer.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
-                          help="when a connection is cut mid-transfer (or the server "
-                          "restarts), reconnect and resume up to N times, waiting 0.5 s, "
-                          "1 s, 2 s, 4 s, 8 s, 8 s... in between: with the default 5, "
-                          "about 15 s in all; 0 gives up at once (default: 5)")
     policy = transfer.add_mutually_exclusive_group()
     policy.add_argument("--no-clobber", dest="overwrite", action="store_const",
                         const="no-clobber", help="leave an existing destination alone")
@@ -469,10 +469,10 @@ def _client(args: argparse.Namespace) -> Any:
     if args.cafile and not args.tls:
         raise UsageError("--cafile needs --tls")
     # the transfer options exist for put and get only; the others keep the defaults
-    transfer = {key: getattr(args, key) for key in ("buffer_size", "limit_rate", "retries")
+    transfer = {key: getattr(args, key) for key in ("buffer_size", "limit_rate")
                 if hasattr(args, key)}
-    return Client(host, port, timeout=args.timeout, token=token, tls=args.tls,
-                  cafile=args.cafile, durable=getattr(args, "fsync", False), **transfer)
+    return Client(host, port, timeout=args.timeout, retries=args.retries, token=token,
+                  tls=args.tls, cafile=args.cafile, durable=getattr(args, "fsync", False), **transfer)
 
 
 def _one_tree(args: argparse.Namespace) -> tuple[str, str | None]:

@@ -12,7 +12,8 @@ COMMANDS = {"serve": "run the daemon", "put": "upload files", "get": "download f
             "ls": "list a remote directory", "rm": "delete remote files",
             "mv": "rename a remote file", "mkdir": "create remote directories",
             "hash": "print XXH3-128 digests", "help": "show a command's options"}
-TRANSFER_ONLY = ("--limit-rate", "--buffer-size", "--retries", "--no-progress", "--fsync",
+# --retries is every client command's: ls and hash ask again after a torn reply
+TRANSFER_ONLY = ("--limit-rate", "--buffer-size", "--no-progress", "--fsync",
                  "--no-clobber", "--update")
 
 
