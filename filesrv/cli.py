@@ -6,6 +6,7 @@ Errors are mapped to a one-line message and an exit status here, once.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -493,9 +494,10 @@ def run_put_tree(args: argparse.Namespace) -> int:
     started = time.monotonic()
     with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
                                                args) as bar:
+        client.on_retry = bar.retrying
         results = client.put_tree(local_dir, remote, progress=bar.file_progress,
                                   overwrite=args.overwrite, on_file=bar.file_done, plan=plan)
-    _report_tree("uploaded", remote, results, time.monotonic() - started, args)
+    _report_tree("uploaded", remote, results, time.monotonic() - started, client, args)
     return 0
 
 
@@ -511,22 +513,27 @@ def run_get_tree(args: argparse.Namespace) -> int:
         files = [e for e in listing if e.type == "file"]
         with TreeProgress(f"get {remote}", sum(e.size for e in files), len(files),
                           args) as bar:
+            client.on_retry = bar.retrying
             results = client.get_tree(remote, local, progress=bar.file_progress,
                                       overwrite=args.overwrite, on_file=bar.file_done,
                                       listing=listing)
-    _report_tree("downloaded", remote, results, time.monotonic() - started, args)
+    _report_tree("downloaded", remote, results, time.monotonic() - started, client, args)
     return 0
 
 
-def _report_tree(verb: str, where: str, results: list[Any], seconds: float,
+def _report_tree(verb: str, where: str, results: list[Any], seconds: float, client: Any,
                  args: argparse.Namespace) -> None:
     """JSON: a line per file (printed as each completes, see TreeProgress); else a summary."""
     if args.json:
         return
     skipped = sum(1 for r in results if r.skipped)
     moved = sum(r.size - r.resumed_from for r in results if not r.skipped)
+    reconnected = ""
+    if client.reconnects:  # the client's count: a batch's files share their reconnects
+        times = "once" if client.reconnects == 1 else f"{client.reconnects} times"
+        reconnected = f", {client.reconnect_seconds:.2f} s spent reconnecting {times}"
     print(f"{verb} {where}: {len(results) - skipped} files ({format_size(moved)}) in "
-          f"{seconds:.2f} s, {skipped} already there and skipped", flush=True)
+          f"{seconds:.2f} s{reconnected}, {skipped} already there and skipped", flush=True)
 
 
 def _sources_and_target(paths: list[str]) -> tuple[list[str], str | None, bool]:
@@ -548,8 +555,8 @@ def run_put(args: argparse.Namespace) -> int:
             remote = target if target is not None else name
             if remote == "" or remote.endswith("/"):
                 remote += name
-            if os.path.isdir(local):
-                raise LocalError(f"{local} is a directory")
+            if os.path.isdir(local):  # as get says of a remote directory: same words, status
+                raise IsADirectory(f"{local} is a directory (use -r)")
             try:
                 result = _put_file(client, local, remote, args)
             except IsADirectory:
@@ -563,6 +570,7 @@ def run_put(args: argparse.Namespace) -> int:
 
 def _put_file(client: Any, local: str, remote: str, args: argparse.Namespace) -> Any:
     with ProgressBar(f"put {remote}", args) as bar:
+        client.on_retry = bar.retrying
         return client.put(local, remote, progress=bar, overwrite=args.overwrite)
 
 
@@ -579,9 +587,13 @@ def run_get(args: argparse.Namespace) -> int:
             if os.path.isdir(local):
                 local = os.path.join(local, name)
             elif local.endswith(os.sep):
-                raise LocalError(f"no such directory: {local}")
+                raise LocalError(f"no such local directory {local}")
             with ProgressBar(f"get {remote}", args) as bar:
-                result = client.get(remote, local, progress=bar, overwrite=args.overwrite)
+                client.on_retry = bar.retrying
+                try:
+                    result = client.get(remote, local, progress=bar, overwrite=args.overwrite)
+                except IsADirectory:
+                    raise IsADirectory(f"{remote} is a directory (use -r)") from None
             _report("downloaded", result, args)
     return 0
 
@@ -703,30 +715,123 @@ def _report(verb: str, result: Any, args: argparse.Namespace) -> None:
         print(f"skipped {result.path}: the destination exists"
               f"{' with the same XXH3-128' if args.overwrite == 'update' else ''}", flush=True)
         return
-    moved = result.size - result.resumed_from
-    rate = moved / result.seconds if result.seconds > 0 else 0.0
     resumed = f", resumed at {format_size(result.resumed_from)}" if result.resumed_from else ""
     print(f"{verb} {result.path}: {format_size(result.size)} in {result.seconds:.2f} s "
-          f"({format_size(rate)}/s){resumed}, xxh128 {result.xxh128}", flush=True)
+          f"({format_size(result.rate)}/s{_reconnected(result)}){resumed}, "
+          f"xxh128 {result.xxh128}", flush=True)
 
 
-class ProgressBar:
-    """A tqdm bar on stderr, only when stderr is a terminal; starts at the resumed offset."""
+def _reconnected(result: Any) -> str:
+    """How much of the time went to reconnecting, which the rate leaves out."""
+    if not result.reconnects:
+        return ""
+    times = "once" if result.reconnects == 1 else f"{result.reconnects} times"
+    return (f" while moving; {result.reconnect_seconds:.2f} s spent reconnecting "
+            f"{times}")
 
-    def __init__(self, label: str, args: argparse.Namespace) -> None:
-        self.label = label
+
+_BAR_FORMAT = ("{desc}: {percentage:3.0f}%|{bar}| {done_iec}/{total_iec} "
+               "[{elapsed}<{remaining}, {rate_iec}{postfix}]")
+# while no data moves, what is happening instead of a rate and a time left
+_STATUS_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {done_iec}/{total_iec} [{status}{postfix}]"
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_bar_class() -> type:
+    """tqdm (imported only when a bar is drawn) counting bytes in the summary's units."""
+    from tqdm import tqdm
+
+    class ByteBar(tqdm):  # type: ignore[misc]
+        """Sizes and rate in IEC units (KiB, MiB/s), as format_size writes them; a
+        `status` (e.g. reconnecting) replaces the rate and the time left while set."""
+
+        status = ""
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            info = super().format_dict
+            rate, elapsed = info["rate"], info["elapsed"]
+            if rate is None and elapsed >= 1:  # tqdm's fallback, once it means something
+                rate = (info["n"] - info["initial"]) / elapsed
+            info.update(done_iec=format_size(info["n"]),
+                        total_iec=format_size(info["total"] or 0),
+                        rate_iec=f"{format_size(rate)}/s" if rate else "?/s",
+                        status=self.status)
+            if self.status:
+                info["bar_format"] = _STATUS_FORMAT
+            return info
+
+        def skip(self, count: int) -> None:
+            """Move by bytes that did not cross the wire just now (already there, resumed):
+            counted in the bar, left out of the rate."""
+            self.n += count
+            self.last_print_n += count
+            self.initial += count
+            self.refresh()
+
+    return ByteBar
+
+
+def _byte_bar(label: str, total: int, initial: int = 0, postfix: str | None = None) -> Any:
+    return _byte_bar_class()(total=total, initial=initial, desc=label, unit="B",
+                             bar_format=_BAR_FORMAT, file=sys.stderr, dynamic_ncols=True,
+                             leave=False, postfix=postfix)
+
+
+class _Status:
+    """A transfer's bar, if any, and the reconnect in progress: said on the bar, or on
+    stderr when there is no bar (piped, --no-progress)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
         self.enabled = not args.no_progress and sys.stderr.isatty()
         self.bar: Any = None
+        self.reconnecting = False  # from a cut until data moves again
 
-    def __enter__(self) -> Callable[[int, int], None] | None:
-        return self.update if self.enabled else None
-
-    def update(self, done: int, total: int) -> None:
+    def retrying(self, notice: Any) -> None:
+        """Client.on_retry: the connection was cut and the client is about to reconnect."""
+        self.reconnecting = True
+        what = (f"reconnecting in {notice.delay:g} s (attempt {notice.attempt} of "
+                f"{notice.retries})")
         if self.bar is None:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=done, desc=self.label, unit="B",
-                            unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                            dynamic_ncols=True, leave=False)
+            # the reason without the advice for when retries run out: this is a retry
+            reason = notice.reason.split("; run the same command again")[0]
+            print(f"filesrv: connection lost, {what}: {reason}", file=sys.stderr,
+                  flush=True)
+        else:
+            self.bar.status = what
+            self.bar.refresh()
+
+    def moving_again(self) -> bool:
+        """Called as data moves; True the first time after a reconnect, when the bar's
+        clock is restarted so the outage does not drag its rate down."""
+        if not self.reconnecting:
+            return False
+        self.reconnecting = False
+        if self.bar is not None:
+            self.bar.status = ""
+            self.bar.unpause()
+        return True
+
+
+class ProgressBar(_Status):
+    """A bar on stderr for one file, only when stderr is a terminal; starts at the resumed
+    offset. Call it as the transfer's progress callback."""
+
+    def __init__(self, label: str, args: argparse.Namespace) -> None:
+        super().__init__(args)
+        self.label = label
+
+    def __enter__(self) -> "ProgressBar":
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        again = self.moving_again()
+        if not self.enabled:
+            return
+        if self.bar is None:
+            self.bar = _byte_bar(self.label, total, initial=done)
+        elif again:  # a resumed attempt starts where the server's partial ends
+            self.bar.skip(done - self.bar.n)
         else:
             self.bar.update(done - self.bar.n)
 
@@ -735,29 +840,37 @@ class ProgressBar:
             self.bar.close()
 
 
-class TreeProgress:
-    """One tqdm bar for a whole tree (bytes, rate, ETA, files done); with --json, a record
-    for each file as it completes."""
+class TreeProgress(_Status):
+    """One bar for a whole tree (bytes, rate, ETA, files done); with --json, a record
+    for each file as it completes. Bytes already there (skipped files, the resumed part
+    of a file) advance the bar but not its rate."""
 
     def __init__(self, label: str, total: int, files: int, args: argparse.Namespace) -> None:
+        super().__init__(args)
         self.label, self.total, self.files = label, total, files
-        self.enabled = not args.no_progress and sys.stderr.isatty()
         self.json = args.json
-        self.bar: Any = None
         self.done_files = 0
-        self.file_bytes = 0
+        self.file_bytes: int | None = None  # of the current file, as last reported
+        self.complete_report = False  # its one report said "all there": moved or not?
 
     def __enter__(self) -> "TreeProgress":
         if self.enabled:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total, desc=self.label, unit="B", unit_scale=True,
-                            unit_divisor=1024, file=sys.stderr, dynamic_ncols=True,
-                            leave=False, postfix=f"0/{self.files} files")
+            self.bar = _byte_bar(self.label, self.total, postfix=self.postfix())
         return self
 
+    def postfix(self) -> str:
+        return f"{self.done_files}/{self.files} files"
+
     def file_progress(self, done: int, total: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done - self.file_bytes)
+        again = self.moving_again()
+        if self.file_bytes is None and done == total:
+            # a batched file, or one whose partial was complete: file_done tells which
+            self.complete_report = True
+        elif self.bar is not None:
+            if self.file_bytes is None or again:  # the part already there
+                self.bar.skip(done - (self.file_bytes or 0))
+            else:
+                self.bar.update(done - self.file_bytes)
         self.file_bytes = done
 
     def file_done(self, result: Any) -> None:
@@ -765,10 +878,13 @@ class TreeProgress:
             print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
         self.done_files += 1
         if self.bar is not None:
-            if result.skipped:
+            if result.skipped or (self.complete_report and not result.bytes_moved):
+                self.bar.skip(result.size)
+            elif self.complete_report:
                 self.bar.update(result.size)
-            self.bar.set_postfix_str(f"{self.done_files}/{self.files} files")
-        self.file_bytes = 0
+            self.bar.set_postfix_str(self.postfix())
+        self.file_bytes = None
+        self.complete_report = False
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -97,12 +97,108 @@ class TransferResult(NamedTuple):
     xxh128: str
     seconds: float
     skipped: bool = False  # the overwrite policy left the destination as it was
+    # bytes of the body that crossed the connection, in every attempt (a cut one's too);
+    # None: size - resumed_from, or 0 when skipped
+    transferred: int | None = None
+    reconnects: int = 0  # connections cut and made again during the transfer
+    # of `seconds`, the time no data moved because of cuts: from the last byte before a
+    # cut to the first byte after reconnecting (for a batch, from the start of the attempt
+    # that was cut to the start of the next: its bytes are sent again)
+    reconnect_seconds: float = 0.0
+
+    @property
+    def bytes_moved(self) -> int:
+        if self.transferred is not None:
+            return self.transferred
+        return 0 if self.skipped else self.size - self.resumed_from
+
+    @property
+    def rate(self) -> float:
+        """Bytes a second while data was moving: the time spent reconnecting left out."""
+        moving = self.seconds - self.reconnect_seconds
+        return self.bytes_moved / moving if moving > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         record = self._asdict()
         if not self.skipped:
             del record["skipped"]  # the record users and scripts know, unchanged
+        record["transferred"] = self.bytes_moved
         return record
+
+
+class Reconnecting(NamedTuple):
+    """What Client.on_retry is told before the client reconnects after a cut."""
+
+    attempt: int   # 1 for the first reconnect of a transfer
+    retries: int   # the most it makes (--retries)
+    delay: float   # seconds it waits before connecting again
+    reason: str    # why the connection was lost
+
+
+class _Clock:
+    """Times one transfer over all its attempts, wrapping its progress callback: the
+    bytes that moved, and the time lost to cuts (from the last byte before a cut to the
+    first byte after reconnecting), so that a rate can leave the outage out."""
+
+    def __init__(self, client: "Client", progress: Progress | None) -> None:
+        self.client = client
+        self.progress = progress
+        self.started = time.monotonic()
+        self.transferred = 0
+        self.reconnects = 0
+        self.reconnect_seconds = 0.0
+        self._position: int | None = None  # None: this attempt has moved nothing yet
+        self._moved_at = self.started
+        self._cut_at: float | None = None
+
+    def attempt(self, fn: Callable[[], _T], *, streams: bool = True) -> Callable[[], _T]:
+        """fn as an attempt for Client._retrying; `streams`: it reports its bytes through
+        this clock (else data counts as moving again as soon as the attempt starts)."""
+        def run() -> _T:
+            self._position = None
+            if not streams:
+                self._moving(time.monotonic())
+            try:
+                return fn()
+            except ConnectionFailed as exc:
+                if exc.retryable:
+                    self.reconnects += 1
+                    if self._cut_at is None:
+                        self._cut_at = self._moved_at
+                raise
+        return run
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self._position is None:
+            self._moving(now)
+        else:
+            self.transferred += done - self._position
+        self._position = done
+        self._moved_at = now
+        if self.progress:
+            self.progress(done, total)
+
+    def _moving(self, now: float) -> None:
+        if self._cut_at is not None:
+            self.reconnect_seconds += now - self._cut_at
+            self.client.reconnect_seconds += now - self._cut_at
+            self._cut_at = None
+        self._moved_at = now
+
+    def result(self, path: str, size: int, resumed_from: int, digest: str
+               ) -> "TransferResult":
+        return TransferResult(path, size, resumed_from, digest,
+                              time.monotonic() - self.started, False, self.transferred,
+                              self.reconnects, self.reconnect_seconds)
+
+    def mark(self, result: "TransferResult") -> "TransferResult":
+        """A batch's result (timed over its last attempt) with the batch's reconnects."""
+        if not self.reconnects:
+            return result
+        return result._replace(seconds=result.seconds + self.reconnect_seconds,
+                               reconnects=self.reconnects,
+                               reconnect_seconds=self.reconnect_seconds)
 
 
 def parse_server(address: str) -> tuple[str, int]:
@@ -183,7 +279,8 @@ class Client:
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
                  timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
                  tls: bool = False, cafile: str | None = None, durable: bool = False,
-                 retries: int = RETRIES) -> None:
+                 retries: int = RETRIES,
+                 on_retry: Callable[[Reconnecting], None] | None = None) -> None:
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -199,6 +296,9 @@ class Client:
         self._hello_pending = False
         self._ever_connected = False
         self.retries = retries
+        self.on_retry = on_retry  # told before each reconnect after a cut connection
+        self.reconnects = 0  # over this client's life, for summaries
+        self.reconnect_seconds = 0.0
         self._buffers: dict[int, bytearray] = {}
         self._sent_ahead: _SentAhead | None = None
 
@@ -406,6 +506,10 @@ class Client:
                 if not exc.retryable or tries_left == 0:
                     raise
                 self.close()
+                self.reconnects += 1
+                if self.on_retry:
+                    self.on_retry(Reconnecting(self.retries - tries_left + 1, self.retries,
+                                               delay, exc.message))
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_BACKOFF_MAX)
         raise AssertionError("unreachable")
@@ -498,18 +602,20 @@ class Client:
         (skip when `local` already has the remote digest).
         """
         parse_path(remote)
-        started = time.monotonic()
+        clock = _Clock(self, progress)
         if overwrite != REPLACE and os.path.isfile(local):
             local_digest = _file_digest(local)
             if overwrite == NO_CLOBBER or local_digest == self.hash(remote):
                 return TransferResult(normalize_path(remote), os.path.getsize(local), 0,
-                                      local_digest, time.monotonic() - started, True)
+                                      local_digest, time.monotonic() - clock.started, True)
         partial = LocalPartial(local, durable=self.durable)
         try:
-            result = self._retrying(lambda: self._get_into(remote, partial, progress))
+            result = self._retrying(clock.attempt(lambda: self._get_into(remote, partial,
+                                                                         clock)))
             if result is None:  # a resumed partial did not verify: once more from zero
                 partial.reset()
-                result = self._retrying(lambda: self._get_into(remote, partial, progress))
+                result = self._retrying(clock.attempt(lambda: self._get_into(remote, partial,
+                                                                             clock)))
             if result is None:
                 raise IntegrityError(f"{remote}: XXH3-128 of the received bytes does not "
                                      "match the server's; the partial was discarded")
@@ -517,8 +623,7 @@ class Client:
             partial.place()
         finally:
             partial.close()
-        return TransferResult(normalize_path(remote), size, resumed_from, digest,
-                              time.monotonic() - started)
+        return clock.result(normalize_path(remote), size, resumed_from, digest)
 
     def _get_into(self, remote: str, partial: "LocalPartial", progress: Progress | None
                   ) -> tuple[int, int, str] | None:
@@ -588,7 +693,7 @@ class Client:
         overwrite: as for get, about the remote file.
         """
         parse_path(remote)
-        started = time.monotonic()
+        clock = _Clock(self, progress)
         try:
             fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -604,19 +709,20 @@ class Client:
                 if existing is not None and (overwrite == NO_CLOBBER or existing.xxh128 ==
                                              _file_digest(local)):
                     return TransferResult(normalize_path(remote), existing.size, 0,
-                                          existing.xxh128 or "", time.monotonic() - started,
-                                          True)
-            outcome = self._retrying(lambda: self._put_once(fd, st, remote, progress))
+                                          existing.xxh128 or "",
+                                          time.monotonic() - clock.started, True)
+            outcome = self._retrying(clock.attempt(lambda: self._put_once(fd, st, remote,
+                                                                          clock)))
             if outcome is None:
                 # a resumed upload did not verify and the server dropped its partial
-                outcome = self._retrying(lambda: self._put_once(fd, st, remote, progress))
+                outcome = self._retrying(clock.attempt(lambda: self._put_once(fd, st, remote,
+                                                                              clock)))
             if outcome is None:
                 raise IntegrityError(f"{remote}: the server's digest did not match twice")
             resumed_from, digest = outcome
         finally:
             os.close(fd)
-        return TransferResult(normalize_path(remote), st.st_size, resumed_from, digest,
-                              time.monotonic() - started)
+        return clock.result(normalize_path(remote), st.st_size, resumed_from, digest)
 
     def _put_once(self, fd: int, st: os.stat_result, remote: str,
                   progress: Progress | None) -> tuple[int, str] | None:
@@ -718,9 +824,11 @@ class Client:
         results, done = _tree_report(progress, on_file)
         for i in range(len(batches)):
             prepared = reads.pop(i).result()
-            for result in self._retrying(
-                    lambda: self._put_batch(prepared, lambda: read_ahead(i + 1))):
-                done(result)
+            clock = _Clock(self, None)
+            for result in self._retrying(clock.attempt(
+                    lambda: self._put_batch(prepared, lambda: read_ahead(i + 1)),
+                    streams=False)):
+                done(clock.mark(result))
         for rel, size in plan.files:
             if size <= BATCH_FILE_MAX:
                 continue
@@ -761,7 +869,8 @@ class Client:
         seconds = time.monotonic() - started
         wanted = set(need)
         return [TransferResult(normalize_path(m["path"]), m["size"], 0, m["xxh128"], seconds,
-                               i not in wanted) for i, m in enumerate(manifest)]
+                               i not in wanted, m["size"] if i in wanted else 0)
+                for i, m in enumerate(manifest)]
 
     def get_tree(self, remote_dir: str, local_dir: str, *, progress: Progress | None = None,
                  overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
@@ -794,8 +903,10 @@ class Client:
         try:
             for i, batch in enumerate(batches):
                 ahead = batches[i + 1] if i + 1 < len(batches) else None
-                for result in self._retrying(lambda: self._get_batch(batch, overwrite, ahead)):
-                    done(result)
+                clock = _Clock(self, None)
+                for result in self._retrying(clock.attempt(
+                        lambda: self._get_batch(batch, overwrite, ahead), streams=False)):
+                    done(clock.mark(result))
         finally:
             if self._sent_ahead is not None:  # stopped early: its reply must not be read
                 self._sent_ahead = None       # as the answer to this client's next command
@@ -938,7 +1049,8 @@ class TreePlan(NamedTuple):
 def plan_local_tree(local_dir: str) -> TreePlan:
     """Walk a local tree without following symlinks; paths relative, '/'-separated."""
     if not os.path.isdir(local_dir):
-        raise LocalError(f"{local_dir} is not a directory")
+        raise LocalError(f"{local_dir} is not a directory" if os.path.lexists(local_dir)
+                         else f"no such local directory {local_dir}")
     dirs, files, links = [], [], []
     for top, subdirs, names in os.walk(local_dir, followlinks=False):
         rel_top = os.path.relpath(top, local_dir)
@@ -1157,8 +1269,11 @@ class LocalPartial:
             except FileExistsError:  # left by an interrupted get: maybe resumable
                 self.fd = os.open(self.path, flags, 0o644)
                 created = False
-        except OSError as exc:
-            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+        except OSError as exc:  # named as the user gave it, not as our hidden partial
+            folder_given = os.path.dirname(destination) or "."
+            if isinstance(exc, FileNotFoundError):
+                raise LocalError(f"no such local directory {folder_given}") from None
+            raise LocalError(f"cannot write into {folder_given}: {exc.strerror}") from None
         # what a partial we created ourselves cannot have: bytes, a .json beside it.
         # Knowing it spares a batch of small files a few system calls each.
         self._empty = created
