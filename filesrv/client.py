@@ -24,7 +24,7 @@ import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound,
-                     ProtocolError)
+                     ProtocolError, SourceChanged)
 from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_IDENTICAL, Auth,
                        Commit, Data, Entry, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, StatReply, auth_proof, check_reply,
@@ -711,24 +711,44 @@ class Client:
                     return TransferResult(normalize_path(remote), existing.size, 0,
                                           existing.xxh128 or "",
                                           time.monotonic() - clock.started, True)
-            outcome = self._retrying(clock.attempt(lambda: self._put_once(fd, st, remote,
-                                                                          clock)))
-            if outcome is None:
-                # a resumed upload did not verify and the server dropped its partial
-                outcome = self._retrying(clock.attempt(lambda: self._put_once(fd, st, remote,
-                                                                              clock)))
-            if outcome is None:
-                raise IntegrityError(f"{remote}: the server's digest did not match twice")
-            resumed_from, digest = outcome
+            source, resumed_from, digest = self._put_one_version(fd, local, remote, clock)
         finally:
             os.close(fd)
-        return clock.result(normalize_path(remote), st.st_size, resumed_from, digest)
+        return clock.result(normalize_path(remote), source.st.st_size, resumed_from, digest)
 
-    def _put_once(self, fd: int, st: os.stat_result, remote: str,
+    def _put_one_version(self, fd: int, local: str, remote: str, clock: "_Clock"
+                         ) -> tuple["_LocalSource", int, str]:
+        """Upload one consistent version of the open file: (that version, resumed_from,
+        digest). A change seen while it was read starts the upload over once, from the
+        new version; a second one is SourceChanged. The server's name is never given to
+        bytes from two versions."""
+        for restarts_left in (1, 0):
+            source = _LocalSource.now(fd)
+            try:
+                return (source, *self._put_version(source, remote, clock))
+            except SourceChanged:
+                if not restarts_left:
+                    raise SourceChanged(f"source changed during transfer: {local} was "
+                                        f"modified while it was read, twice; {remote} was "
+                                        "left as it was") from None
+        raise AssertionError("unreachable")
+
+    def _put_version(self, source: "_LocalSource", remote: str, clock: "_Clock"
+                     ) -> tuple[int, str]:
+        outcome = self._retrying(clock.attempt(lambda: self._put_once(source, remote, clock)))
+        if outcome is None:
+            # a resumed upload did not verify and the server dropped its partial
+            outcome = self._retrying(clock.attempt(lambda: self._put_once(source, remote,
+                                                                          clock)))
+        if outcome is None:
+            raise IntegrityError(f"{remote}: the server's digest did not match twice")
+        return outcome
+
+    def _put_once(self, source: "_LocalSource", remote: str,
                   progress: Progress | None) -> tuple[int, str] | None:
         """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
-        size = st.st_size
-        self._request(Put(path=remote, size=size, source=source_tag(st)).frame())
+        fd, size = source.fd, source.st.st_size
+        self._request(Put(path=remote, size=size, source=source_tag(source.st)).frame())
         offset = self._reply(parse_put_reply).offset
         if offset > size:
             self.close()
@@ -736,11 +756,18 @@ class Client:
         hasher = xxhash.xxh3_128()
         try:
             hash_fd_range(fd, 0, offset, hasher, self._buffer(offset))
-        except FilesrvError as exc:
+        except FilesrvError:
             self.close()
-            raise LocalError(f"{remote}: local file changed while reading: {exc}") from None
+            raise SourceChanged("the local file shrank") from None
         self._send(Data(length=size - offset).frame())
         self._send_body(fd, offset, size, hasher, progress)
+        try:
+            # the last moment to refuse: after the commit the server places the file.
+            # Without it, the connection closing abandons the upload; nothing is placed.
+            source.check_unchanged(hasher.hexdigest(), self._buffer(size))
+        except SourceChanged:
+            self.close()
+            raise
         self._send(Commit(xxh128=hasher.hexdigest()).frame())
         try:
             reply = self._reply(parse_commit_reply)
@@ -762,7 +789,7 @@ class Client:
             got = os.preadv(fd, [view[: min(len(view), size - position)]], position)
             if got == 0:
                 self.close()  # the body can no longer be framed
-                raise LocalError("local file shrank while it was being sent")
+                raise SourceChanged("the local file shrank while it was being sent")
             chunk = view[:got]
             hasher.update(chunk)
             if zero_copy:
@@ -783,7 +810,7 @@ class Client:
             self._raise_pending_error(exc)
         if sent != count:
             self.close()
-            raise LocalError("local file shrank while it was being sent")
+            raise SourceChanged("the local file shrank while it was being sent")
 
 
     # ------------------------------------------------------------ trees
@@ -1204,14 +1231,79 @@ def _place_together(partials: list["LocalPartial"]) -> None:
 
 
 def _read_small_file(path: str) -> bytes:
+    """The bytes of one version of a small file. A file that changed while it was read
+    is read once more; one that changed within SETTLE_NS is read twice and compared
+    (a write that began before the first fstat shows nothing new in the second)."""
+    for _ in range(2):
+        body, before, after = _read_with_stats(path)
+        if len(body) > BATCH_FILE_MAX:  # grew since the tree was listed: never cut it
+            raise SourceChanged(f"source changed during transfer: {path} grew past "
+                                f"{BATCH_FILE_MAX} bytes after the tree was listed; run "
+                                "the command again")
+        if _version(before) != _version(after) or len(body) != after.st_size:
+            continue
+        if _settled(before):
+            return body
+        again, _, last = _read_with_stats(path)
+        if again == body and _version(last) == _version(before):
+            return body
+    raise SourceChanged(f"source changed during transfer: {path} was modified while it "
+                        "was read, twice; it was not sent")
+
+
+def _read_with_stats(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """(up to BATCH_FILE_MAX + 1 bytes of path, its fstat before, its fstat after)."""
     try:
         with open(path, "rb", buffering=0) as fh:
+            before = os.fstat(fh.fileno())
             body = fh.read(BATCH_FILE_MAX + 1)
+            return body, before, os.fstat(fh.fileno())
     except OSError as exc:
         raise LocalError(f"cannot read {path}: {exc.strerror}") from None
-    if len(body) > BATCH_FILE_MAX:  # grew since the tree was listed: never send a cut copy
-        raise LocalError(f"{path} grew while the tree was sent; run the command again")
-    return body
+
+
+# A file changed this recently may have a write in flight: a write sets mtime and ctime
+# when it begins, so one that began before our first fstat and ends during our read
+# shows nothing new in the second. Such a file is read (hashed) twice and compared.
+SETTLE_NS = 1_000_000_000
+
+
+def _version(st: os.stat_result) -> tuple[int, ...]:
+    """What differs once a file's content may have changed: identity, size, times."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _settled(st: os.stat_result) -> bool:
+    """Whether the file's last change is older than SETTLE_NS (a clock skewed into the
+    future counts as recent)."""
+    return time.time_ns() - st.st_ctime_ns >= SETTLE_NS
+
+
+class _LocalSource(NamedTuple):
+    """One version of a local file being uploaded: its descriptor and fstat then."""
+
+    fd: int
+    st: os.stat_result
+    settled: bool  # no write to it can plausibly still be in flight
+
+    @classmethod
+    def now(cls, fd: int) -> "_LocalSource":
+        st = os.fstat(fd)
+        return cls(fd, st, _settled(st))
+
+    def check_unchanged(self, digest: str, buffer: bytearray) -> None:
+        """SourceChanged unless the file is still the version read as `digest`."""
+        if _version(os.fstat(self.fd)) != _version(self.st):
+            raise SourceChanged("the local file changed while it was read")
+        if self.settled:
+            return
+        hasher = xxhash.xxh3_128()  # recently changed: what is there now must match
+        try:
+            hash_fd_range(self.fd, 0, self.st.st_size, hasher, buffer)
+        except FilesrvError:
+            raise SourceChanged("the local file shrank") from None
+        if hasher.hexdigest() != digest or _version(os.fstat(self.fd)) != _version(self.st):
+            raise SourceChanged("the local file changed while it was read")
 
 
 def _existing_file(path: str) -> tuple[int, str] | None:

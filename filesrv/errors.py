@@ -152,6 +152,14 @@ class LocalError(FilesrvError):
     exit_status = 9
 
 
+class SourceChanged(FilesrvError):
+    """Client side only: a local file kept changing while it was read for an upload
+    (it was read again once); nothing took its remote name."""
+
+    code = "source_changed"
+    exit_status = 12
+
+
 class ServerError(FilesrvError):
     """An unexpected failure inside the server (a bug); the connection is closed."""
 

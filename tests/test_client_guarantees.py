@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
-from conftest import cli, cli_json, kill_when, random_file, start_cli, xxh128_of
-from filesrv.client import NAME_MAX, partial_name
+from conftest import cli, cli_json, kill_when, random_file, start_cli, wait_for, xxh128_of
+from filesrv.client import NAME_MAX, _read_small_file, partial_name
+from filesrv.errors import SourceChanged
 
 SLOW = "2M"  # bytes per second while a test acts mid-transfer
 BIG = 4 * 1024 * 1024  # large enough to travel alone (not in a batch) and to resume
@@ -61,3 +64,153 @@ def test_a_download_with_the_longest_name_resumes(daemon, tmp_path: Path):
     assert got["resumed_from"] > 0
     assert got["xxh128"] == xxh128_of(source) == xxh128_of(out / LONGEST)
     assert local_partials(out) == []
+
+
+# ---------------------------------------------------------------- a source that changes
+
+def server_partials(daemon) -> dict[str, int]:
+    """name -> size of every partial upload on the server."""
+    found = {}
+    for p in (daemon.root / ".filesrv" / "partials").glob("*.part"):
+        try:
+            found[p.name] = p.stat().st_size
+        except FileNotFoundError:
+            pass
+    return found
+
+
+def grown_partial(daemon, ignore: set[str]):
+    """A condition: a partial not in `ignore` holds more than 1 MiB."""
+    return lambda: any(size > 1024 * 1024 for name, size in server_partials(daemon).items()
+                       if name not in ignore)
+
+
+def rewrite_in_place(path: Path, content: bytes) -> None:
+    """Overwrite path's bytes without a new inode, as an editor saving in place does."""
+    with open(path, "r+b") as fh:
+        fh.write(content)
+
+
+def rewrite_when(proc, reached, path: Path, content: bytes, what: str) -> None:
+    """Rewrite `path` once `reached()` holds, while `proc` still runs (bounded in time)."""
+    wait_for(lambda: reached() or proc.poll() is not None, what=what)
+    assert proc.poll() is None, f"the command finished before {what}"
+    rewrite_in_place(path, content)
+
+
+def finish(proc) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err
+
+
+def test_a_put_whose_source_is_rewritten_uploads_the_new_version_never_a_splice(
+        daemon, tmp_path: Path):
+    src = tmp_path / "doc.bin"
+    old, new = os.urandom(BIG), os.urandom(BIG)
+    src.write_bytes(old)
+    proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, "--json", str(src),
+                     "doc.bin")
+    rewrite_when(proc, grown_partial(daemon, set()), src, new, "the upload is under way")
+    status, out, err = finish(proc)
+    # the change is seen before the commit: the upload starts over, once, from the new bytes
+    assert status == 0, err
+    assert (daemon.root / "doc.bin").read_bytes() == new
+    assert json.loads(out)["xxh128"] == xxh128_of(src)
+
+
+def test_a_source_that_keeps_changing_fails_with_its_own_status_and_places_nothing(
+        daemon, tmp_path: Path):
+    src = tmp_path / "doc.bin"
+    src.write_bytes(os.urandom(BIG))
+    proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "doc.bin")
+    rewrite_when(proc, grown_partial(daemon, set()), src, os.urandom(BIG),
+                 "the first upload is under way")
+    first = set(server_partials(daemon))
+    rewrite_when(proc, grown_partial(daemon, first), src, os.urandom(BIG),
+                 "the upload started over")
+    status, _, err = finish(proc)
+    assert status == 12, err
+    assert err.count("\n") == 1 and "source changed during transfer" in err, err
+    assert "Traceback" not in err
+    assert not (daemon.root / "doc.bin").exists()
+
+
+def test_a_resumed_put_whose_source_is_rewritten_is_never_spliced(daemon, tmp_path: Path):
+    src = tmp_path / "doc.bin"
+    old, new = os.urandom(BIG), os.urandom(BIG)
+    src.write_bytes(old)
+    first = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, str(src), "doc.bin")
+    kill_when(first, grown_partial(daemon, set()), "the first upload to be under way")
+    cut = max(server_partials(daemon).values())
+    proc = start_cli("put", "-s", daemon.address, "--limit-rate", SLOW, "--json", str(src),
+                     "doc.bin")
+    rewrite_when(proc, lambda: max(server_partials(daemon).values()) > cut + 1024 * 1024,
+                 src, new, "the resumed upload is under way")
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert (daemon.root / "doc.bin").read_bytes() == new
+    assert json.loads(out)["resumed_from"] == 0  # the new version does not resume the old
+
+
+def test_a_tree_whose_large_file_is_rewritten_is_never_spliced(daemon, tmp_path: Path):
+    tree = tmp_path / "tree"
+    small = random_file(tree / "small.txt", 1000)
+    big = tree / "big.bin"
+    new = os.urandom(BIG)
+    big.write_bytes(os.urandom(BIG))
+    proc = start_cli("put", "-r", "-s", daemon.address, "--limit-rate", SLOW, str(tree),
+                     "tree")
+    rewrite_when(proc, grown_partial(daemon, set()), big, new, "the large file is under way")
+    status, _, err = finish(proc)
+    assert status == 0, err
+    assert (daemon.root / "tree" / "big.bin").read_bytes() == new
+    assert xxh128_of(daemon.root / "tree" / "small.txt") == xxh128_of(small)
+
+
+REWRITER = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY)
+try:  # never paused mid-write by other tasks: a paused write leaves a real mixed state
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+except OSError:
+    pass
+versions = [bytes([c]) * int(sys.argv[2]) for c in b"AB"]
+end = time.monotonic() + 20
+while time.monotonic() < end:  # each version in one write(2), as a program saving it would
+    for version in versions:
+        os.pwrite(fd, version, 0)
+        time.sleep(0.0005)
+"""
+
+
+def test_a_small_file_rewritten_while_batched_is_read_as_one_version(tmp_path: Path):
+    """put -r reads small files whole into its batches; a rewrite racing the read must
+    give the old bytes, the new ones, or SourceChanged, never a mix (without the check,
+    several reads in a hundred are torn here).
+
+    The file is made in 4 KiB writes, so its page cache is in small pages that a reader
+    can see half rewritten. The rewriter runs real-time when it may: a write paused
+    halfway for milliseconds leaves the file really holding a mix, which no reader can
+    tell from a version of it.
+    """
+    size = 1024 * 1024
+    path = tmp_path / "small.bin"
+    with open(path, "wb") as fh:
+        for _ in range(size // 4096):
+            fh.write(b"A" * 4096)
+    versions = {b"A" * size, b"B" * size}
+    writer = subprocess.Popen([sys.executable, "-c", REWRITER, str(path), str(size)])
+    try:
+        wait_for(lambda: path.read_bytes()[:1] == b"B", what="the rewriter to start")
+        torn = refused = 0
+        for _ in range(1000):
+            try:
+                body = _read_small_file(str(path))
+            except SourceChanged:
+                refused += 1
+                continue
+            torn += body not in versions
+    finally:
+        writer.kill()
+        writer.wait(timeout=10)
+    assert torn == 0, f"{torn} of 1000 reads mixed two versions ({refused} refused)"
