@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts.add_argument("--json", action="store_true",
                              help="machine-readable output on stdout")
     client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                             help="give up on a silent server after this long (default: 60)")
+                             help="give up on a silent server after this long, and on a busy one "
+                             "(waiting for a free connection slot) too (default: 60)")
     client_opts.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
                              help="when a connection is cut (mid-transfer, or a reply torn, "
                              "or the server restarts), reconnect and resume up to N times, "
@@ -473,7 +474,13 @@ def _client(args: argparse.Namespace) -> Any:
     transfer = {key: getattr(args, key) for key in ("buffer_size", "limit_rate")
                 if hasattr(args, key)}
     return Client(host, port, timeout=args.timeout, retries=args.retries, token=token,
-                  tls=args.tls, cafile=args.cafile, durable=getattr(args, "fsync", False), **transfer)
+                  on_wait=_tell_waiting, tls=args.tls, cafile=args.cafile,
+                  durable=getattr(args, "fsync", False), **transfer)
+
+
+def _tell_waiting(message: str) -> None:
+    """A busy server: say once why nothing happens yet (the client waits, see --timeout)."""
+    print(f"filesrv: {message}", file=sys.stderr, flush=True)
 
 
 def _one_tree(args: argparse.Namespace) -> tuple[str, str | None]:

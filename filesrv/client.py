@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import socket
 import stat
 import threading
@@ -39,11 +40,7 @@ from .transport import Channel, PeerClosed, TornFrame
 DEFAULT_PORT = 8750
 DEFAULT_BUFFER_SIZE = 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
-BUSY_RETRIES = 4          # attempts when the server answers busy
-BUSY_BACKOFF = 0.25       # seconds before the second attempt; doubles each time
 RETRIES = 5               # reconnect-and-resume attempts after a connection is cut
-RETRY_BACKOFF = 0.5       # seconds before the first of them; doubles each time...
-RETRY_BACKOFF_MAX = 8.0   # ...up to this: 0.5 + 1 + 2 + 4 + 8 = 15.5 s with the defaults
 PARTIAL_SUFFIX = ".filesrv-part"
 NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, tmpfs)
 # what a partial's longest companion adds to its destination's name: "." + ".json.tmp"
@@ -272,6 +269,39 @@ class RateLimiter:
             time.sleep(ahead)
 
 
+class RetryPolicy(NamedTuple):
+    """When the client tries again: one policy for both of its retry loops (as urllib3's
+    Retry), so their numbers live in one place.
+
+    After a cut connection (a retryable ConnectionFailed): up to `reconnects` more
+    attempts, waiting `backoff`, doubling, capped at `backoff_max`: 0.5 + 1 + 2 + 4 + 8 =
+    15.5 s with the defaults, as --retries documents. While the server is busy: attempts
+    for up to `busy_seconds` (the client's --timeout), waiting `busy_backoff`, doubling,
+    capped at `busy_backoff_max`, each with jitter, so that clients refused together do
+    not all return at the same instant. A server that closes before greeting us, without
+    saying why, gets `closed_attempts` attempts: that is a plain client at a TLS port as
+    often as a busy server, and the user should hear of it at once.
+    """
+
+    reconnects: int = RETRIES
+    backoff: float = 0.5
+    backoff_max: float = 8.0
+    busy_seconds: float = DEFAULT_TIMEOUT
+    busy_backoff: float = 0.25
+    busy_backoff_max: float = 2.0
+    closed_attempts: int = 4
+
+    def reconnect_delay(self, retry: int) -> float:
+        """Seconds before reconnection number `retry` (0 for the first)."""
+        return min(self.backoff * 2 ** retry, self.backoff_max)
+
+    def busy_delay(self, retry: int, left: float) -> float:
+        """Seconds before busy retry number `retry`, with jitter (between half the
+        exponential step and all of it), never past the `left` seconds of the budget."""
+        step = min(self.busy_backoff * 2 ** retry, self.busy_backoff_max)
+        return max(0.0, min(left, step * random.uniform(0.5, 1.0)))
+
+
 class Client:
     """One connection to a filesrv daemon; many commands may run over it."""
 
@@ -279,8 +309,12 @@ class Client:
                  buffer_size: int = DEFAULT_BUFFER_SIZE, limit_rate: float | None = None,
                  timeout: float = DEFAULT_TIMEOUT, token: bytes | None = None,
                  tls: bool = False, cafile: str | None = None, durable: bool = False,
-                 retries: int = RETRIES,
-                 on_retry: Callable[[Reconnecting], None] | None = None) -> None:
+                 retries: int = RETRIES, retry: RetryPolicy | None = None,
+                 on_retry: Callable[[Reconnecting], None] | None = None,
+                 on_wait: Callable[[str], None] | None = None) -> None:
+        """retry: the whole policy (default: `retries` reconnections, and a busy server
+        waited for up to `timeout`); on_wait(message) hears, once, that the client is
+        waiting for a busy server."""
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
         self.host = host
@@ -295,8 +329,10 @@ class Client:
         self._channel: Channel | None = None
         self._hello_pending = False
         self._ever_connected = False
-        self.retries = retries
+        self.retry = retry or RetryPolicy(reconnects=retries, busy_seconds=timeout)
         self.on_retry = on_retry  # told before each reconnect after a cut connection
+        self.on_wait = on_wait
+        self._said_waiting = False
         self.reconnects = 0  # over this client's life, for summaries
         self.reconnect_seconds = 0.0
         self._buffers: dict[int, bytearray] = {}
@@ -318,17 +354,31 @@ class Client:
         first_request goes out right behind the hello when no token is needed; the
         server answers it after the greeting and the hello reply.
         """
-        delay = BUSY_BACKOFF
-        for attempt in range(1, BUSY_RETRIES + 1):
+        started = time.monotonic()
+        for attempt in range(1, 100_000):  # bounded in time by the policy, in count here
             try:
                 self._channel = self._open(first_request)
                 return
-            except (Busy, _ClosedBeforeGreeting) as exc:
-                if attempt == BUSY_RETRIES:
-                    raise type(exc)(f"{exc.message} (gave up after {attempt} attempts)"
-                                    ) from None
-                time.sleep(delay)
-                delay *= 2
+            except Busy as exc:
+                waited = time.monotonic() - started
+                delay = self.retry.busy_delay(attempt - 1, self.retry.busy_seconds - waited)
+                if delay <= 0:
+                    raise Busy(f"{exc.message}; gave up after {attempt} attempts in "
+                               f"{waited:.0f} s (--timeout sets how long to wait)") from None
+                self._say_waiting(exc.message)
+            except _ClosedBeforeGreeting as exc:
+                if attempt >= self.retry.closed_attempts:
+                    raise _ClosedBeforeGreeting(f"{exc.message} (gave up after {attempt} "
+                                                "attempts)") from None
+                delay = self.retry.busy_delay(attempt - 1, self.retry.busy_seconds)
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _say_waiting(self, why: str) -> None:
+        if self.on_wait is not None and not self._said_waiting:
+            self._said_waiting = True
+            self.on_wait(f"{why}; waiting up to {self.retry.busy_seconds:g} s for a free "
+                         "connection slot")
 
     def _open(self, first_request: bytes | None) -> Channel:
         where = f"{self.host}:{self.port}"
@@ -391,6 +441,12 @@ class Client:
             sock.close()
             raise ConnectionFailed(f"TLS: cannot verify {where}: {exc.verify_message}",
                                    retryable=False) from None
+        except (ssl.SSLEOFError, ConnectionResetError):
+            sock.close()
+            # closed before a word of TLS: how a TLS server at its limit says busy
+            # (PROTOCOL.md 1); a plain server would have answered with its greeting
+            raise Busy(f"server busy: {where} closed the connection before the TLS "
+                       "handshake (as a TLS server at its connection limit does)") from None
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise ConnectionFailed(f"TLS handshake with {where} failed ({exc}): does the "
@@ -498,20 +554,19 @@ class Client:
 
         Each attempt resumes where the last one stopped (the partials say where).
         """
-        delay = RETRY_BACKOFF
-        for tries_left in range(self.retries, -1, -1):
+        for retry in range(self.retry.reconnects + 1):
             try:
                 return attempt()
             except ConnectionFailed as exc:
-                if not exc.retryable or tries_left == 0:
+                if not exc.retryable or retry == self.retry.reconnects:
                     raise
                 self.close()
                 self.reconnects += 1
+                delay = self.retry.reconnect_delay(retry)
                 if self.on_retry:
-                    self.on_retry(Reconnecting(self.retries - tries_left + 1, self.retries,
-                                               delay, exc.message))
+                    self.on_retry(Reconnecting(retry + 1, self.retry.reconnects, delay,
+                                               exc.message))
                 time.sleep(delay)
-                delay = min(delay * 2, RETRY_BACKOFF_MAX)
         raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ management

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import subprocess
 import threading
@@ -12,11 +13,12 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import xxhash
-from conftest import CLI, ENV, random_file, xxh128_of
+from conftest import CLI, ENV, RawConnection, random_file, start_cli, xxh128_of
 
-from filesrv.client import Client, _server_failure
-from filesrv.errors import BadRequest, ConnectionFailed, ProtocolError, error_from_code
-from filesrv.protocol import Entry, FrameBuffer, encode_frame, encode_listing, greeting, ok_reply
+from filesrv.client import Client, RetryPolicy, _server_failure
+from filesrv.errors import BadRequest, Busy, ConnectionFailed, ProtocolError, error_from_code
+from filesrv.protocol import (Entry, FrameBuffer, Hello, encode_frame, encode_listing, greeting,
+                              ok_reply)
 from filesrv.transport import PeerClosed, TornFrame
 
 
@@ -204,3 +206,95 @@ def test_failure_mapping_keeps_the_servers_own_errors():
     assert isinstance(_server_failure(PeerClosed()), ConnectionFailed)
     assert isinstance(_server_failure(ConnectionResetError(104, "reset")), ConnectionFailed)
     assert _server_failure(ConnectionResetError()).retryable  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- busy
+
+def test_a_busy_server_is_waited_for_up_to_the_timeout(daemon_factory):
+    daemon = daemon_factory("--max-children", "8", "--idle-timeout", "2")
+    (daemon.root / "here.txt").write_text("x")
+    conns = [RawConnection(daemon.port, handshake=False) for _ in range(40)]
+    busy_for = 3.0  # the slots are held this long, then left idle (closed 2 s later)
+    try:
+        held = [c for c in conns if c.read_header()["ok"]]
+        assert len(held) == 8  # the other 32 were told busy
+        for c in held:
+            c.send(Hello().frame())
+            assert c.read_header()["ok"]
+        ls = start_cli("ls", "-s", daemon.address)
+        until = time.monotonic() + busy_for
+        while time.monotonic() < until:  # traffic, so the idle timeout does not free them
+            for c in held:
+                assert c.request({"op": "stat", "path": ""})["ok"]
+            time.sleep(0.5)
+        out, err = ls.communicate(timeout=60)
+    finally:
+        for c in conns:
+            c.close()
+    assert ls.returncode == 0, err
+    assert out == "here.txt\n"
+    # said once, on one line: busy, and that it waits
+    assert len(err.splitlines()) == 1 and "busy" in err and "waiting up to 60 s" in err
+
+
+def test_the_retry_policy_backs_off_with_jitter_within_its_caps():
+    policy = RetryPolicy(reconnects=5)
+    assert [policy.reconnect_delay(i) for i in range(6)] == [0.5, 1, 2, 4, 8, 8]
+    for retry in range(12):
+        step = min(0.25 * 2 ** retry, policy.busy_backoff_max)
+        delays = {policy.busy_delay(retry, 100.0) for _ in range(50)}
+        assert all(step / 2 <= d <= step for d in delays)
+        assert len(delays) > 1  # jittered
+        assert policy.busy_delay(retry, 0.1) <= 0.1  # never past the budget
+        assert policy.busy_delay(retry, -1.0) == 0.0
+
+
+def test_a_client_gives_up_on_a_busy_server_when_its_policy_says(daemon_factory):
+    """The Client's busy budget comes from its RetryPolicy (by default its timeout), and
+    on_wait hears once that it waits."""
+    assert Client("127.0.0.1", 1, timeout=7, retries=2).retry == \
+        RetryPolicy(reconnects=2, busy_seconds=7)
+    daemon = daemon_factory("--max-children", "1")
+    holder = RawConnection(daemon.port)
+    told: list[str] = []
+    try:
+        with Client("127.0.0.1", daemon.port, retry=RetryPolicy(busy_seconds=1.5),
+                    on_wait=told.append) as client:
+            with pytest.raises(Busy, match="gave up after"):
+                client.ls()
+    finally:
+        holder.close()
+    assert len(told) == 1 and "busy" in told[0] and "waiting up to 1.5 s" in told[0]
+
+
+@pytest.fixture
+def cert(tmp_path: Path) -> tuple[Path, Path]:
+    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "2", "-subj", "/CN=filesrv-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return crt, key
+
+
+def test_a_busy_tls_server_is_busy_not_a_tls_failure(daemon_factory, cert):
+    """A TLS server at its limit closes before the handshake: that is busy (exit 8, waited
+    for), not 'does the server use TLS?' (exit 3, at once)."""
+    crt, key = cert
+    daemon = daemon_factory("--max-children", "1", "--tls-cert", str(crt), "--tls-key", str(key))
+    context = ssl.create_default_context(cafile=str(crt))
+    holder = context.wrap_socket(socket.create_connection(("127.0.0.1", daemon.port)),
+                                 server_hostname="127.0.0.1")
+    try:
+        assert holder.recv(4)  # the greeting: the one slot is taken
+        r = subprocess.run([*CLI, "ls", "-s", daemon.address, "--tls", "--cafile", str(crt),
+                            "--timeout", "1"], env=ENV, capture_output=True, text=True,
+                           timeout=60)
+    finally:
+        holder.close()
+    assert r.returncode == 8, r.stderr
+    assert "busy" in r.stderr and "gave up after" in r.stderr and "Traceback" not in r.stderr
+    ok = subprocess.run([*CLI, "ls", "-s", daemon.address, "--tls", "--cafile", str(crt)],
+                        env=ENV, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr

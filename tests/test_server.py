@@ -199,9 +199,9 @@ def test_beyond_max_children_a_client_gets_busy_at_once(daemon_factory, tmp_path
         assert reply["ok"] is False and reply["code"] == "busy"
         assert time.monotonic() - started < 2.0
         extra.close()
-        refused = cli("ls", "-s", daemon.address, check=False)
+        refused = cli("ls", "-s", daemon.address, "--timeout", "1", check=False)
         assert refused.returncode == 8 and "busy" in refused.stderr
-        assert "gave up after 4 attempts" in refused.stderr
+        assert "gave up after" in refused.stderr and "Traceback" not in refused.stderr
     finally:
         for h in holders:
             h.close()
