@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from . import __version__
 from .errors import (AlreadyExists, ConfigError, FilesrvError, IsADirectory, LocalError,
@@ -373,46 +373,162 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# what one command does, not a setting: from the environment or a file --recursive would
+# turn every later `rm` into `rm -r`, and --force would hide every mistyped path
+_NOT_SETTINGS = ("help", "config", "recursive", "force")
+_CREDENTIALS = ("token-file", "token_file", "token")  # a client file's; see _token()
 
 
-def apply_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> None:
-    """Defaults from FILESRV_* variables and, for serve, a TOML file: below the command line.
+class ClientConfig(NamedTuple):
+    """The client's TOML file: top-level option defaults and named remotes."""
+
+    path: str | None
+    options: dict[str, Any]
+    remotes: dict[str, dict[str, Any]]
+
+    def credentials(self, remote: str | None) -> tuple[str | None, str | None]:
+        """(token file, token) of the remote's section if it names one, else the top level's."""
+        for table in (self.remotes.get(remote or ""), self.options):
+            if table and any(key in table for key in _CREDENTIALS):
+                return table.get("token-file", table.get("token_file")), table.get("token")
+        return None, None
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]
+                       ) -> argparse.Namespace:
+    """Parse argv over defaults from FILESRV_* variables and a TOML file, in that order.
 
     Each long option --some-name has the variable FILESRV_SOME_NAME and the file key
     some-name (or some_name). Values go through the option's own parsing and checks.
+    serve reads the file given by --config or FILESRV_CONFIG; the client commands that
+    one too, else their own (client_config_path). `-s NAME` naming a [remote.NAME] of the
+    client's file takes that section's settings over the file's top level.
     """
-    pre = argparse.ArgumentParser(add_help=False)
+    name = next((arg for arg in argv if not arg.startswith("-")), None)
+    command = parser.commands.get(name)  # type: ignore[attr-defined]
+    if command is None or name == "help":  # argparse explains, or has nothing to set
+        return parser.parse_args(argv)
+    explicit = _config_option(argv) or os.environ.get("FILESRV_CONFIG")
+    if name == "serve":
+        config = load_config(explicit) if explicit else {}
+        _check_keys(config, {key for key, _ in _settings(command)}, explicit)
+        _apply(command, config)
+        return parser.parse_args(argv)
+    client = load_client_config(explicit or client_config_path(), _client_keys(parser))
+    _apply(command, _without_credentials(client.options))
+    args = parser.parse_args(argv)
+    remote = args.server if args.server in client.remotes else None
+    if remote is not None:  # parse again, on a fresh parser, over the remote's settings
+        parser = build_parser()
+        command = parser.commands[name]  # type: ignore[attr-defined]
+        merged = {**client.options, **client.remotes[remote]}
+        server = merged.pop("server")
+        _apply(command, _without_credentials(merged))
+        args = parser.parse_args(argv)
+        args.server = server
+    args.config_credentials = client.credentials(remote)
+    return args
+
+
+def _config_option(argv: list[str]) -> str | None:
+    """--config FILE of the command line, if any (argparse reports a malformed one later)."""
+    pre = argparse.ArgumentParser(add_help=False, exit_on_error=False)
     pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    config_path = known.config or os.environ.get("FILESRV_CONFIG")
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:
+        return None
+    return known.config
+
+
+def client_config_path() -> str | None:
+    """$XDG_CONFIG_HOME/filesrv/config.toml (default ~/.config/...), if the file exists."""
+    base = os.environ.get("XDG_CONFIG_HOME", "")
+    if not os.path.isabs(base):  # the XDG rule: a relative value is ignored
+        base = os.path.join(os.path.expanduser("~"), ".config")
+    path = os.path.join(base, "filesrv", "config.toml")
+    return path if os.path.exists(path) else None
+
+
+def load_client_config(path: str | None, known: set[str]) -> ClientConfig:
+    """The client's file, checked: known keys only, a private file if it holds a token."""
+    if path is None:
+        return ClientConfig(None, {}, {})
+    config = load_config(path)
+    remotes = config.pop("remote", {})
+    if not isinstance(remotes, dict) or not all(isinstance(t, dict) for t in remotes.values()):
+        raise ConfigError(f"{path}: remotes are sections: [remote.NAME]")
+    _check_keys(config, known, path)
+    for name, table in remotes.items():
+        _check_keys(table, known, f"{path} [remote.{name}]")
+        if not isinstance(table.get("server"), str):
+            raise ConfigError(f"{path}: [remote.{name}] needs server = \"HOST:PORT\"")
+    base = os.path.dirname(os.path.abspath(path))
+    for table in (config, *remotes.values()):
+        token = table.get("token")
+        if token is not None and (not isinstance(token, str) or not token.strip()):
+            raise ConfigError(f"{path}: token must be a non-empty string")
+        for key in ("token-file", "token_file", "cafile"):  # relative to the file
+            if isinstance(table.get(key), str):
+                table[key] = os.path.join(base, os.path.expanduser(table[key]))
+    if any("token" in table for table in (config, *remotes.values())):
+        _require_private(path)
+    return ClientConfig(path, config, remotes)
+
+
+def _require_private(path: str) -> None:
+    """A file holding a token must be the user's own and unreadable by others, as ssh
+    requires of a private key."""
+    st = os.stat(path)
+    if st.st_uid not in (os.getuid(), 0):
+        raise ConfigError(f"{path} holds a token but belongs to another user")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{path} holds a token but others may read or change it "
+                          f"(mode {st.st_mode & 0o777:o}): chmod 600 {path}")
+
+
+def _client_keys(parser: argparse.ArgumentParser) -> set[str]:
+    """The keys a client file may hold: every client command's settings, and token."""
+    keys = {"token"}
     for name, command in parser.commands.items():  # type: ignore[attr-defined]
-        config = load_config(config_path) if name == "serve" and config_path else {}
-        _apply(command, config, config_path)
+        if name not in ("serve", "help"):
+            keys |= {key for key, _ in _settings(command)}
+    return keys
 
 
-def _apply(command: argparse.ArgumentParser, config: dict[str, Any], path: str | None) -> None:
-    known_keys = set()
+def _without_credentials(config: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in config.items() if key not in _CREDENTIALS}
+
+
+def _settings(command: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    """(key, option) for each option that may come from the environment or a file."""
     for action in command._actions:  # argparse has no public list of a parser's options
         long = next((o for o in action.option_strings if o.startswith("--")), None)
-        # --recursive is what one command does, not a setting: from the environment it
-        # would turn every later `rm` into `rm -r`
-        if long is None or action.dest in ("help", "config", "recursive"):
-            continue
-        key = long[2:]
-        known_keys |= {key, key.replace("-", "_")}
+        if long is not None and action.dest not in _NOT_SETTINGS:
+            yield long[2:], action
+
+
+def _apply(command: argparse.ArgumentParser, config: dict[str, Any]) -> None:
+    """FILESRV_* variables, else the file's values, as the command's defaults."""
+    for key, action in _settings(command):
         value = os.environ.get("FILESRV_" + key.upper().replace("-", "_"))
         if value is None:
             value = config.get(key, config.get(key.replace("-", "_")))
         if value is None:
             continue
         if action.nargs == 0:  # a flag: --read-only, --json, --no-clobber...
-            if _flag_value(long, value):
+            if _flag_value("--" + key, value):
                 command.set_defaults(**{action.dest: action.const})
         else:  # a string default goes through the option's type, as if typed
             command.set_defaults(**{action.dest: str(value)})
-    unknown = sorted(set(config) - known_keys)
+
+
+def _check_keys(config: dict[str, Any], known: set[str], where: str | None) -> None:
+    """Unknown keys are an error: a typo must not pass silently."""
+    unknown = sorted(key for key in config if key not in known
+                     and key.replace("_", "-") not in known)
     if unknown:
-        raise ConfigError(f"{path}: unknown option(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}")
 
 
 def _flag_value(option: str, value: Any) -> bool:
@@ -425,14 +541,15 @@ def _flag_value(option: str, value: Any) -> bool:
 
 
 def load_config(path: str) -> dict[str, Any]:
+    """A TOML file as a dict (serve's --config and the client's file)."""
     try:
         import tomllib  # Python 3.11+
     except ImportError:  # pragma: no cover - Python 3.10
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ImportError:
-            raise ConfigError("--config needs Python 3.11 (tomllib) or the tomli package"
-                              ) from None
+            raise ConfigError(f"reading {path} needs Python 3.11 (tomllib) or the tomli "
+                              "package") from None
     try:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
@@ -464,10 +581,7 @@ def _client(args: argparse.Namespace) -> Any:
         host, port = parse_server(args.server or DEFAULT_SERVER)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.token_file:
-        token: bytes | None = read_token_file(args.token_file)
-    else:
-        token = os.environ.get("FILESRV_TOKEN", "").strip().encode() or None
+    token = _token(args, read_token_file)
     if args.cafile and not args.tls:
         raise UsageError("--cafile needs --tls")
     # the transfer options exist for put and get only; the others keep the defaults
@@ -481,6 +595,21 @@ def _client(args: argparse.Namespace) -> Any:
 def _tell_waiting(message: str) -> None:
     """A busy server: say once why nothing happens yet (the client waits, see --timeout)."""
     print(f"filesrv: {message}", file=sys.stderr, flush=True)
+
+
+def _token(args: argparse.Namespace, read_token_file: Callable[[str], bytes]
+           ) -> bytes | None:
+    """The command line's --token-file, then FILESRV_TOKEN_FILE, FILESRV_TOKEN, then the
+    config file's token-file or token (its remote's section first)."""
+    if args.token_file:
+        return read_token_file(os.path.expanduser(args.token_file))
+    from_environment = os.environ.get("FILESRV_TOKEN", "").strip()
+    if from_environment:
+        return from_environment.encode()
+    token_file, token = getattr(args, "config_credentials", (None, None))
+    if token_file:
+        return read_token_file(token_file)
+    return token.strip().encode() if token else None
 
 
 def _one_tree(args: argparse.Namespace) -> tuple[str, str | None]:
@@ -911,11 +1040,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        apply_defaults(parser, argv)
+        args = parse_command_line(parser, argv)
     except ConfigError as exc:
         print(f"filesrv: {exc.message}", file=sys.stderr)
         return exc.exit_status
-    args = parser.parse_args(argv)
     try:
         return int(args.run(args))
     except UsageError as exc:

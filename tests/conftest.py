@@ -21,10 +21,22 @@ sys.path.insert(0, str(REPO))
 from filesrv.protocol import (PREFIX_SIZE, Hello, encode_frame,  # noqa: E402
                               parse_length_prefix, decode_header)
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-ENV.pop("FILESRV_SERVER", None)
+# no FILESRV_* setting of the shell running the tests reaches the commands under test
+ENV = {key: value for key, value in os.environ.items() if not key.startswith("FILESRV_")}
+ENV.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
 CLI = [sys.executable, "-m", "filesrv"]
 START_TIMEOUT = 15.0
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+                 ) -> Path:
+    """Each test's commands get an empty HOME and XDG_CONFIG_HOME of their own, so the
+    user's ~/.config/filesrv/config.toml never leaks in (ENV is restored after the test)."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setitem(ENV, "HOME", str(home))
+    monkeypatch.setitem(ENV, "XDG_CONFIG_HOME", str(home / ".config"))
+    return home
 
 
 class Daemon:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from conftest import CLI, ENV, _read_line, cli, cli_json, random_file
 
@@ -170,3 +174,114 @@ def _serve_with_defaults(cwd: Path) -> subprocess.Popen[bytes]:
         line += err.decode(errors="replace")
         time.sleep(0.5)
     raise AssertionError(f"the daemon could not listen on 127.0.0.1:8750: {line}")
+
+
+# ---------------------------------------------------------------- the client's config file
+
+TOKEN = "a-token-for-the-config-tests-5d1e"
+
+
+def run(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+        ) -> subprocess.CompletedProcess[str]:
+    """The CLI with extra environment variables (None: remove the variable)."""
+    merged = {**ENV, **(env or {})}
+    return subprocess.run([*CLI, *args], env={k: v for k, v in merged.items() if v is not None},
+                          cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def user_config(text: str, mode: int = 0o644) -> Path:
+    """Write the test user's $XDG_CONFIG_HOME/filesrv/config.toml."""
+    path = Path(ENV["XDG_CONFIG_HOME"]) / "filesrv" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 only (its own CA)."""
+    folder = tmp_path_factory.mktemp("tls")
+    key, crt = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(crt),
+                    "-days", "2", "-subj", "/CN=filesrv-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    return crt, key
+
+
+def test_tests_never_read_the_users_own_config(private_home):
+    assert ENV["HOME"] == str(private_home) != os.environ.get("HOME")
+    assert ENV["XDG_CONFIG_HOME"] == str(private_home / ".config")
+    assert not any(key.startswith("FILESRV_") for key in ENV)
+
+
+def test_config_file_defaults_below_environment_and_command_line(daemon, tmp_path):
+    user_config(f'server = "{daemon.address}"\njson = true\n')
+    random_file(daemon.root / "f.bin", 10)
+    assert json.loads(run("ls").stdout)[0]["name"] == "f.bin"  # both from the file
+    assert run("ls", env={"FILESRV_JSON": "0"}).stdout == "f.bin\n"  # the environment wins
+    r = run("ls", env={"FILESRV_SERVER": "127.0.0.1:1"})
+    assert r.returncode == 3 and "127.0.0.1:1" in r.stderr
+    assert json.loads(run("ls", "-s", daemon.address, env={"FILESRV_SERVER": "127.0.0.1:1"}
+                          ).stdout)[0]["name"] == "f.bin"  # the command line wins
+    # without XDG_CONFIG_HOME the file is ~/.config/filesrv/config.toml
+    assert run("ls", env={"XDG_CONFIG_HOME": None}).stdout.startswith("[")
+    # --config and FILESRV_CONFIG name another file, instead of that one
+    other = tmp_path / "other.toml"
+    other.write_text(f'server = "{daemon.address}"\n')
+    assert run("ls", "--config", str(other)).stdout == "f.bin\n"
+    assert run("ls", env={"FILESRV_CONFIG": str(other)}).stdout == "f.bin\n"
+
+
+def test_a_named_remote_brings_its_server_token_and_tls(daemon_factory, cert, tmp_path):
+    crt, key = cert
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    daemon = daemon_factory("--token-file", str(tokens), "--tls-cert", str(crt),
+                            "--tls-key", str(key))
+    random_file(daemon.root / "f.bin", 10)
+    config = user_config(f'json = true\n[remote.nas]\nserver = "{daemon.address}"\n'
+                         'token-file = "nas.token"\ntls = true\n'
+                         f'cafile = "{crt}"\nlimit-rate = "1M"\njson = false\n')
+    (config.parent / "nas.token").write_text(TOKEN + "\n")  # relative to the file
+    assert run("ls", "-s", "nas").stdout == "f.bin\n"  # the remote's json = false wins
+    assert run("ls", env={"FILESRV_SERVER": "nas"}).stdout == "f.bin\n"
+    r = run("ls", "-s", daemon.address, "--tls", "--cafile", str(crt))  # no remote, no token
+    assert r.returncode == 10
+    r = run("ls", "-s", "nas", "--timeout", "5", env={"FILESRV_TOKEN": "wrong"})
+    assert r.returncode == 10  # the environment's token wins over the file's
+
+
+def test_unknown_keys_in_the_config_file_are_a_one_line_error(daemon):
+    for text, named in [('sever = "x"\n', "unknown option(s) sever"),
+                        ('recursive = true\n', "unknown option(s) recursive"),
+                        ('root = "/srv"\n', "unknown option(s) root"),  # a serve option
+                        ('[remote.nas]\nserver = "h"\nlimit_rat = "1M"\n',
+                         "[remote.nas]: unknown option(s) limit_rat"),
+                        ('[remote.nas]\ntls = true\n', "[remote.nas] needs server"),
+                        ('remote = "nas"\n', "[remote.NAME]"),
+                        ('this is = = not toml\n', "not valid TOML")]:
+        user_config(text)
+        r = run("ls", "-s", daemon.address)
+        assert r.returncode == 2 and named in r.stderr, (text, r.stderr)
+        assert len(r.stderr.splitlines()) == 1, r.stderr
+    user_config('timeout = "soon"\n')  # values are checked as on the command line
+    r = run("ls", "-s", daemon.address)
+    assert r.returncode == 2 and "--timeout" in r.stderr
+
+
+def test_a_token_in_the_config_file_requires_a_private_file(daemon_factory, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(TOKEN + "\n")
+    daemon = daemon_factory("--token-file", str(tokens))
+    text = f'[remote.nas]\nserver = "{daemon.address}"\ntoken = "{TOKEN}"\n'
+    for mode in (0o644, 0o640, 0o660, 0o602):
+        path = user_config(text, mode)
+        r = run("ls", "-s", "nas")
+        assert r.returncode == 2 and f"chmod 600 {path}" in r.stderr, (oct(mode), r.stderr)
+    user_config(text, 0o600)
+    assert run("ls", "-s", "nas").returncode == 0
+    user_config(f'[remote.nas]\nserver = "{daemon.address}"\n', 0o644)  # no token: no rule
+    assert run("ls", "-s", "nas").returncode == 10
