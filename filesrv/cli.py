@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "default 5, about 15 s in all; 0 gives up at once (default: 5)")
     client_opts.add_argument("--token-file", metavar="FILE",
                              help="token for a server started with --token-file (default: "
-                             "the token in $FILESRV_TOKEN, if set)")
+                             "the token in $FILESRV_TOKEN, else the config file's token-file "
+                             "or token)")
     client_opts.add_argument("--tls", action="store_true",
                              help="connect with TLS, verifying the server's certificate and "
                              "host name")
