@@ -6,6 +6,7 @@ Errors are mapped to a one-line message and an exit status here, once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -725,14 +726,25 @@ def run_get(args: argparse.Namespace) -> int:
                 local = os.path.join(local, name)
             elif local.endswith(os.sep):
                 raise LocalError(f"no such local directory {local}")
+            into_stdout = _is_stdout(local)
             with ProgressBar(f"get {remote}", args) as bar:
                 client.on_retry = bar.retrying
                 try:
                     result = client.get(remote, local, progress=bar, overwrite=args.overwrite)
                 except IsADirectory:
                     raise IsADirectory(f"{remote} is a directory (use -r)") from None
-            _report("downloaded", result, args)
+            # the file's bytes went to stdout (get FILE /dev/stdout): the report must not
+            with contextlib.redirect_stdout(sys.stderr if into_stdout else sys.stdout):
+                _report("downloaded", result, args)
     return 0
+
+
+def _is_stdout(path: str) -> bool:
+    """Whether `path` is where this process's standard output goes."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError):
+        return False
 
 
 def run_ls(args: argparse.Namespace) -> int:

@@ -658,6 +658,8 @@ class Client:
         """
         parse_path(remote)
         clock = _Clock(self, progress)
+        if _writes_through(local):
+            return self._get_through(remote, local, clock)
         if overwrite != REPLACE and os.path.isfile(local):
             local_digest = _file_digest(local)
             if overwrite == NO_CLOBBER or local_digest == self.hash(remote):
@@ -679,6 +681,34 @@ class Client:
         finally:
             partial.close()
         return clock.result(normalize_path(remote), size, resumed_from, digest)
+
+    def _get_through(self, remote: str, local: str, clock: "_Clock") -> TransferResult:
+        """Download `remote` into the character device or FIFO `local`, written in order
+        (nothing is replaced). A cut resumes after the bytes written, from the same
+        version of the file only: bytes written cannot be taken back."""
+        sink = _StreamSink(local)
+        try:
+            size, digest = self._retrying(clock.attempt(
+                lambda: self._stream_once(remote, sink, clock)))
+        finally:
+            sink.close()
+        return clock.result(normalize_path(remote), size, 0, digest)
+
+    def _stream_once(self, remote: str, sink: "_StreamSink", progress: Progress | None
+                     ) -> tuple[int, str]:
+        self._request(Get(path=remote, offset=sink.written, if_match=sink.etag).frame())
+        reply = self._reply(parse_get_reply)
+        if reply.offset != sink.written:
+            self.close()  # its body is not wanted
+            raise IntegrityError(f"{remote} changed on the server while it was written to "
+                                 f"{sink.path}; what was written is not one version of it")
+        sink.etag = reply.etag
+        self._receive_body(sink, reply.offset, reply.length, reply.size, sink.hasher,
+                           progress, None)
+        if sink.hasher.hexdigest() != reply.xxh128:
+            raise IntegrityError(f"{remote}: XXH3-128 of the bytes written to {sink.path} "
+                                 "does not match the server's")
+        return reply.size, reply.xxh128
 
     def _get_into(self, remote: str, partial: "LocalPartial", progress: Progress | None
                   ) -> tuple[int, int, str] | None:
@@ -712,7 +742,8 @@ class Client:
         partial.reset()
         return False
 
-    def _receive_body(self, partial: "LocalPartial", offset: int, length: int, size: int,
+    def _receive_body(self, partial: "LocalPartial | _StreamSink", offset: int, length: int,
+                      size: int,
                       hasher: "xxhash.xxh3_128", progress: Progress | None,
                       limiter: RateLimiter | None) -> None:
         view = memoryview(self._buffer(length))
@@ -997,6 +1028,7 @@ class Client:
             if entry.type == "dir" or entry.size <= BATCH_FILE_MAX:
                 continue
             local = os.path.join(local_dir, *entry.name.split("/"))
+            _placement_target(local)  # a device or FIFO in the way: refused, as for small files
             policy = overwrite
             if os.path.isfile(local) and os.path.getsize(local) == entry.size:
                 policy = UPDATE if overwrite == REPLACE else overwrite
@@ -1393,6 +1425,78 @@ def partial_name(name: str) -> str:
     return f".{os.fsdecode(encoded[:cut])}~{digest}{PARTIAL_SUFFIX}"
 
 
+def _writes_through(local: str) -> bool:
+    """Whether a download to `local` is written through in order: a character device
+    or FIFO is there (as cp and curl write to them). A socket or block device there is
+    refused; neither is ever replaced."""
+    try:
+        st = os.stat(local)
+    except OSError:
+        return False
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+        return True
+    if stat.S_ISSOCK(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        raise LocalError(f"{local} is a {_file_kind(st)}: a download goes to a file, a "
+                         "character device or a FIFO")
+    return False
+
+
+def _file_kind(st: os.stat_result) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(st.st_mode):
+            return kind
+    return "special file"
+
+
+def _placement_target(destination: str) -> str:
+    """The file a download to `destination` replaces: the path itself or, for a symlink,
+    the file it points to (written through, as cp does; the link stays). Anything there
+    but a regular file is refused, never replaced."""
+    if os.path.islink(destination):
+        target = os.path.realpath(destination)
+        if not os.path.lexists(target):
+            raise LocalError(f"{destination} is a dangling symlink; not writing through it")
+        destination = target
+    try:
+        st = os.stat(destination)
+    except FileNotFoundError:
+        return destination
+    except OSError as exc:
+        raise LocalError(f"cannot write {destination}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LocalError(f"{destination} is a {_file_kind(st)}, not a regular file; it is "
+                         "not replaced")
+    return destination
+
+
+class _StreamSink:
+    """A character device or FIFO that a download is written through to, in order."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.written = 0
+        self.hasher = xxhash.xxh3_128()  # of the bytes written so far
+        self.etag: str | None = None  # the version they come from
+        try:  # a FIFO blocks here until it has a reader, as with cp
+            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
+        except OSError as exc:
+            raise LocalError(f"cannot write {path}: {exc.strerror}") from None
+
+    def write(self, data: memoryview, position: int) -> None:
+        try:
+            done = 0
+            while done < len(data):
+                done += os.write(self.fd, data[done:])
+        except OSError as exc:
+            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+        self.written = position + len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class LocalPartial:
     """The client's partial download beside its destination, locked while in use.
 
@@ -1402,13 +1506,15 @@ class LocalPartial:
     """
 
     def __init__(self, destination: str, durable: bool = True) -> None:
+        given, destination = destination, _placement_target(destination)
         self.destination = destination
         self.durable = durable
         folder, name = os.path.split(os.path.abspath(destination))
         self.folder = folder
         self.path = os.path.join(folder, partial_name(name))
         self.meta_path = self.path + ".json"
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        # never through a link planted at the partial's name
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         try:
             try:
                 self.fd = os.open(self.path, flags | os.O_EXCL, 0o644)
@@ -1417,7 +1523,7 @@ class LocalPartial:
                 self.fd = os.open(self.path, flags, 0o644)
                 created = False
         except OSError as exc:  # named as the user gave it, not as our hidden partial
-            folder_given = os.path.dirname(destination) or "."
+            folder_given = os.path.dirname(given) or "."
             if isinstance(exc, FileNotFoundError):
                 raise LocalError(f"no such local directory {folder_given}") from None
             raise LocalError(f"cannot write into {folder_given}: {exc.strerror}") from None
@@ -1426,6 +1532,10 @@ class LocalPartial:
         self._empty = created
         self._may_have_meta = not created
         self._placed = False
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise LocalError(f"{self.path} is not a regular file; remove it to download "
+                             f"{given}")
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

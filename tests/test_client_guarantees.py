@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -214,3 +215,123 @@ def test_a_small_file_rewritten_while_batched_is_read_as_one_version(tmp_path: P
         writer.kill()
         writer.wait(timeout=10)
     assert torn == 0, f"{torn} of 1000 reads mixed two versions ({refused} refused)"
+
+
+# ---------------------------------------------------------------- what is at the destination
+
+def drain(path: Path) -> "tuple[threading.Thread, list[bytes]]":
+    """A reader of the FIFO at path, collecting what it gets until the writer closes."""
+    import threading
+    got: list[bytes] = []
+
+    def read() -> None:
+        with open(path, "rb") as fh:
+            got.append(fh.read())
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    return reader, got
+
+
+def test_a_fifo_at_the_destination_is_written_through_and_stays_a_fifo(daemon, tmp_path: Path):
+    source = random_file(daemon.root / "big.bin", BIG)
+    (tmp_path / "out").mkdir()
+    fifo = tmp_path / "out" / "fifo"
+    os.mkfifo(fifo)
+    reader, got = drain(fifo)
+    done = cli_json("get", "-s", daemon.address, "big.bin", str(fifo))
+    reader.join(timeout=30)
+    assert got and got[0] == source.read_bytes()
+    assert done["xxh128"] == xxh128_of(source)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+    assert [p.name for p in fifo.parent.iterdir()] == ["fifo"]  # no partial beside it
+
+
+def test_a_character_device_at_the_destination_is_written_through_never_replaced(
+        daemon, tmp_path: Path):
+    random_file(daemon.root / "small.bin", 1000)
+    (tmp_path / "out").mkdir()
+    null = tmp_path / "out" / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # a null device of our own
+    cli("get", "-s", daemon.address, "small.bin", str(null))
+    st = os.lstat(null)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == os.makedev(1, 3)
+    assert [p.name for p in null.parent.iterdir()] == ["null"]
+
+
+def test_a_socket_at_the_destination_is_refused_and_kept(daemon, tmp_path: Path):
+    import socket
+    random_file(daemon.root / "small.bin", 1000)
+    path = tmp_path / "sock"
+    listener = socket.socket(socket.AF_UNIX)
+    try:
+        listener.bind(str(path))
+        proc = cli("get", "-s", daemon.address, "small.bin", str(path), check=False)
+    finally:
+        listener.close()
+    assert proc.returncode == 9, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "is a socket" in proc.stderr
+    assert stat.S_ISSOCK(os.lstat(path).st_mode)
+
+
+def test_a_symlink_at_the_destination_has_its_target_replaced_and_stays_a_link(
+        daemon, tmp_path: Path):
+    source = random_file(daemon.root / "big.bin", BIG)
+    target = tmp_path / "real" / "file.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    cli("get", "-s", daemon.address, "big.bin", str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert xxh128_of(target) == xxh128_of(source)
+    assert local_partials(tmp_path) == [] and local_partials(target.parent) == []
+
+
+def test_a_dangling_symlink_at_the_destination_is_refused_and_kept(daemon, tmp_path: Path):
+    random_file(daemon.root / "small.bin", 1000)
+    link = tmp_path / "link.bin"
+    link.symlink_to(tmp_path / "nowhere" / "file.bin")
+    proc = cli("get", "-s", daemon.address, "small.bin", str(link), check=False)
+    assert proc.returncode == 9 and "dangling symlink" in proc.stderr, proc.stderr
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def test_a_link_to_standard_output_receives_the_bytes_and_the_report_goes_to_stderr(
+        daemon, tmp_path: Path):
+    """What `get FILE /dev/stdout | cmd` does, with a link of our own to /proc/self/fd/1
+    (the real /dev/stdout is never at stake in a test)."""
+    from conftest import CLI, ENV
+    source = random_file(daemon.root / "big.bin", BIG)
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
+    proc = subprocess.run([*CLI, "get", "-s", daemon.address, "big.bin", str(stdout)],
+                          env=ENV, capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == source.read_bytes()
+    assert b"downloaded big.bin" in proc.stderr
+    assert stdout.is_symlink()
+
+
+def test_a_tree_download_never_replaces_a_fifo_in_the_way(daemon, tmp_path: Path):
+    for name, size in (("a.txt", 100), ("b.bin", BIG)):  # in a batch, and on its own
+        random_file(daemon.root / name / "tree" / name, size)
+        copy = tmp_path / name
+        copy.mkdir()
+        os.mkfifo(copy / name)
+        proc = cli("get", "-r", "-s", daemon.address, f"{name}/tree", str(copy), check=False)
+        assert proc.returncode == 9 and "FIFO" in proc.stderr, proc.stderr
+        assert stat.S_ISFIFO(os.lstat(copy / name).st_mode)
+
+
+def test_a_download_into_a_fifo_resumes_after_a_cut_without_repeating_bytes(
+        daemon, fault_proxy, tmp_path: Path):
+    source = random_file(daemon.root / "big.bin", 8 * 1024 * 1024)
+    proxy = fault_proxy(daemon.port, "--cut-after", "3M", "--cut-connections", "2")
+    (tmp_path / "out").mkdir()
+    fifo = tmp_path / "out" / "fifo"
+    os.mkfifo(fifo)
+    reader, got = drain(fifo)
+    done = cli_json("get", "-s", proxy.address, "big.bin", str(fifo))
+    reader.join(timeout=30)
+    assert done["reconnects"] >= 1
+    assert got and got[0] == source.read_bytes()  # each byte once, in order
