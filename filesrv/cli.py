@@ -628,6 +628,9 @@ def run_put_tree(args: argparse.Namespace) -> int:
     plan = plan_local_tree(local_dir)
     for link in plan.skipped_links:
         print(f"filesrv: skipped symlink {link} (symlinks are not followed)", file=sys.stderr)
+    for unnamed in plan.skipped_names:
+        print(f"filesrv: skipped {unnamed}: its name is not valid UTF-8, which the protocol "
+              "needs", file=sys.stderr)
     total = sum(size for _, size in plan.files)
     started = time.monotonic()
     with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
@@ -1068,5 +1071,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("filesrv: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed by a pager or `head`
-        return 1
+        _die_of_sigpipe()
+        return 128 + 13  # not reached: SIGPIPE's default action ends the process
+    except OSError as exc:  # local: the client maps every failure of the connection itself
+        print(f"filesrv: {_local_failure(exc)}", file=sys.stderr)
+        return LocalError.exit_status
+    except UnicodeError:  # a local name that is not UTF-8 where the protocol needs one
+        print("filesrv: a local name is not valid UTF-8, which the protocol needs",
+              file=sys.stderr)
+        return LocalError.exit_status
     return 1
+
+
+def _local_failure(exc: OSError) -> str:
+    """One line for a local OSError: what failed, and on which file."""
+    if exc.filename is None:
+        return exc.strerror or str(exc)
+    name = os.fsencode(exc.filename).decode("utf-8", "backslashreplace")
+    return f"{name}: {exc.strerror or exc}"
+
+
+def _die_of_sigpipe() -> None:
+    """Stdout was closed early (`| head`): end quietly, as coreutils do, killed by SIGPIPE
+    (a shell shows 141), with nothing on stderr and no complaint when Python exits."""
+    import signal
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the final flush of stdout must not fail again
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)

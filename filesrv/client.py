@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -24,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
 import xxhash
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
-                     FilesrvError, IntegrityError, IsADirectory, LocalError, NotFound,
-                     ProtocolError, SourceChanged)
+                     FilesrvError, IntegrityError, IsADirectory, LocalError, LocalNoSpace,
+                     NotFound, ProtocolError, SourceChanged)
 from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_IDENTICAL, Auth,
                        Commit, Data, Entry, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, StatReply, auth_proof, check_reply,
@@ -751,6 +752,10 @@ class Client:
         limiter = limiter or RateLimiter(self.limit_rate)
         position = offset
         end = offset + length
+        free = _free_bytes(partial.folder)
+        if free is not None and length > free:  # fail before the first byte, not at the end
+            self.close()  # the body stays unread
+            raise _no_local_space(partial, length, free, offset)
         if progress:
             progress(position, size)
         while position < end:
@@ -763,7 +768,12 @@ class Client:
                     f"({_server_failure(exc).message}); run the same command again to "
                     "resume") from None
             chunk = view[:got]
-            partial.write(chunk, position)
+            try:
+                partial.write(chunk, position)
+            except LocalNoSpace:  # the space went while we wrote (another writer)
+                self.close()
+                raise _no_local_space(partial, end - position,
+                                      _free_bytes(partial.folder) or 0, position) from None
             hasher.update(chunk)
             position += got
             limiter.consume(got)
@@ -1001,14 +1011,14 @@ class Client:
                 parse_path(entry.name)
             except FilesrvError:
                 raise ProtocolError(f"server listed an unsafe name {entry.name!r}") from None
-        os.makedirs(local_dir, exist_ok=True)
+        _make_local_dir(local_dir)
         results, done = _tree_report(progress, on_file)
 
         small = []
         for entry in entries:
             local = os.path.join(local_dir, *entry.name.split("/"))
             if entry.type == "dir":
-                os.makedirs(local, exist_ok=True)
+                _make_local_dir(local)
             elif entry.size <= BATCH_FILE_MAX:
                 small.append((_join(base, entry.name), local, entry.size))
         per_batch = DURABLE_BATCH_FILES if self.durable else MAX_BATCH_FILES
@@ -1153,35 +1163,112 @@ def _plan_get_batch(batch: list[tuple[str, str, int]], overwrite: str) -> _GetPl
 
 
 class TreePlan(NamedTuple):
-    """A local tree to upload: relative directories, (relative file, size), skipped links."""
+    """A local tree to upload: relative directories, (relative file, size), skipped links,
+    and names skipped because they are not valid UTF-8 (shown with \\x escapes)."""
 
     dirs: list[str]
     files: list[tuple[str, int]]
     skipped_links: list[str]
+    skipped_names: tuple[str, ...] = ()
 
 
 def plan_local_tree(local_dir: str) -> TreePlan:
-    """Walk a local tree without following symlinks; paths relative, '/'-separated."""
+    """Walk a local tree without following symlinks; paths relative, '/'-separated.
+
+    Names the protocol cannot carry (not UTF-8) are skipped, and a directory so named
+    with all it holds; a directory that cannot be read is an error, never a silent gap.
+    """
     if not os.path.isdir(local_dir):
         raise LocalError(f"{local_dir} is not a directory" if os.path.lexists(local_dir)
                          else f"no such local directory {local_dir}")
-    dirs, files, links = [], [], []
-    for top, subdirs, names in os.walk(local_dir, followlinks=False):
+    dirs, files, links, unnamed = [], [], [], []
+    for top, subdirs, names in os.walk(local_dir, followlinks=False, onerror=_unreadable):
         rel_top = os.path.relpath(top, local_dir)
         prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
         for d in sorted(subdirs):
-            if os.path.islink(os.path.join(top, d)):
+            if not _is_utf8(d):
+                unnamed.append(_shown(prefix + d))
+                subdirs.remove(d)  # os.walk then leaves it out
+            elif os.path.islink(os.path.join(top, d)):
                 links.append(prefix + d)
             else:
                 dirs.append(prefix + d)
         for name in sorted(names):
             path = os.path.join(top, name)
-            st = os.lstat(path)
-            if stat.S_ISREG(st.st_mode):
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:  # gone since the directory was read
+                continue
+            except OSError as exc:
+                raise LocalError(f"cannot read {_shown(path)}: {exc.strerror}") from None
+            if not _is_utf8(name) and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+                unnamed.append(_shown(prefix + name))
+            elif stat.S_ISREG(st.st_mode):
                 files.append((prefix + name, st.st_size))
             elif stat.S_ISLNK(st.st_mode):
                 links.append(prefix + name)
-    return TreePlan(dirs, files, links)
+    return TreePlan(dirs, files, links, tuple(unnamed))
+
+
+def _free_bytes(folder: str) -> int | None:
+    """Bytes this process may still write on the filesystem of `folder` (root may use
+    the blocks reserved for it), or None when the filesystem does not say."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return None
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def _no_local_space(partial: "LocalPartial", needed: int, free: int, held: int
+                    ) -> LocalNoSpace:
+    """The message for a download that does not fit: the numbers, and what is kept."""
+    if held and os.path.exists(partial.meta_path):
+        kept = (f"the {_bytes(held)} received are kept in {_shown(partial.path)}: free some "
+                "space and run the same command again to resume")
+    else:
+        partial.truncate(0)  # not resumable (no record of its version): not worth its space
+        kept = "nothing is kept: free some space and run the same command again"
+    return LocalNoSpace(f"no space left for {_shown(partial.destination)}: {_bytes(needed)} "
+                        f"more needed, {_bytes(free)} free in {_shown(partial.folder)}; {kept}")
+
+
+def _bytes(n: int) -> str:
+    """'3.0 MiB (3145728 bytes)': readable, and exact."""
+    size, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            break
+        size /= 1024
+    return f"{n} bytes" if unit == "B" else f"{size:.1f} {unit} ({n} bytes)"
+
+
+def _make_local_dir(path: str) -> None:
+    """mkdir -p for a download; a file in the way or a refusal is a LocalError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except FileExistsError:
+        raise LocalError(f"{_shown(path)} exists and is not a directory") from None
+    except OSError as exc:
+        raise LocalError(f"cannot create directory {_shown(path)}: {exc.strerror}") from None
+
+
+def _unreadable(exc: OSError) -> None:
+    raise LocalError(f"cannot read {_shown(exc.filename or '')}: {exc.strerror}")
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name whose bytes are not UTF-8 (os.fsdecode kept them as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(path: str) -> str:
+    """A local path for a message, undecodable bytes as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _server_failure(exc: BaseException) -> BaseException:
@@ -1582,7 +1669,8 @@ class LocalPartial:
             while done < len(data):
                 done += os.pwrite(self.fd, data[done:], position + done)
         except OSError as exc:
-            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
+            kind = LocalNoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalError
+            raise kind(f"cannot write {self.path}: {exc.strerror}") from None
         if self.durable:
             self.writeback.wrote_up_to(position + len(data))
 

@@ -160,6 +160,12 @@ class SourceChanged(FilesrvError):
     exit_status = 12
 
 
+class LocalNoSpace(LocalError):
+    """Client side only: the local filesystem has no room for a download."""
+
+    code = "local_no_space"
+
+
 class ServerError(FilesrvError):
     """An unexpected failure inside the server (a bug); the connection is closed."""
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import re
+import signal
 import socket
 import ssl
 import struct
@@ -13,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 import xxhash
-from conftest import CLI, ENV, RawConnection, random_file, start_cli, xxh128_of
+from conftest import CLI, ENV, RawConnection, random_file, start_cli, wait_for, xxh128_of
 
 from filesrv.client import Client, RetryPolicy, _server_failure
 from filesrv.errors import BadRequest, Busy, ConnectionFailed, ProtocolError, error_from_code
@@ -298,3 +303,162 @@ def test_a_busy_tls_server_is_busy_not_a_tls_failure(daemon_factory, cert):
     ok = subprocess.run([*CLI, "ls", "-s", daemon.address, "--tls", "--cafile", str(crt)],
                         env=ENV, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+
+
+# ---------------------------------------------------------------- no space on the client
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_get_that_cannot_fit_fails_before_the_first_byte_naming_the_numbers(daemon,
+                                                                              small_tmpfs):
+    random_file(daemon.root / "big.bin", 10 * 1024 * 1024)
+    r = subprocess.run([*CLI, "get", "-s", daemon.address, "big.bin", str(small_tmpfs)],
+                       env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 9, r.stderr
+    message = one_line_error(r)
+    assert "no space left for" in message and "10.0 MiB (10485760 bytes) more needed" in message
+    assert "free in " + str(small_tmpfs) in message and "nothing is kept" in message
+    assert list(small_tmpfs.iterdir()) == []  # not a byte written, no partial left
+
+
+def test_out_of_space_mid_get_keeps_the_partial_says_where_and_resumes(daemon, small_tmpfs):
+    src = random_file(daemon.root / "big.bin", 6 * 1024 * 1024)
+    dest = small_tmpfs / "big.bin"
+    partial = small_tmpfs / ".big.bin.filesrv-part"
+    get = start_cli("get", "-s", daemon.address, "--limit-rate", "2M", "big.bin", str(dest))
+    try:
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024,
+                 what="the download to start")
+        filler = os.open(small_tmpfs / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # another writer takes the rest of the space
+            for _ in range(1024):
+                os.write(filler, b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
+        _, err = get.communicate(timeout=60)
+    finally:
+        if get.poll() is None:
+            get.kill()
+            get.wait(timeout=10)
+    assert get.returncode == 9, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "no space left for" in err and "more needed" in err and "free in" in err
+    assert f"are kept in {partial}" in err and "resume" in err
+    held = partial.stat().st_size
+    assert held > 0 and not dest.exists()
+    (small_tmpfs / "filler").unlink()
+    again = subprocess.run([*CLI, "get", "-s", daemon.address, "--json", "big.bin", str(dest)],
+                           env=ENV, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["resumed_from"] > 0
+    assert xxh128_of(dest) == xxh128_of(src)
+
+
+# ---------------------------------------------------------------- no traceback from any input
+
+def test_put_r_skips_a_name_that_is_not_utf8_and_sends_the_rest(daemon, tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "ok.txt").write_text("a")
+    (tree / "sub" / "c.txt").write_text("c")
+    os.mkdir(os.path.join(bytes(tree), b"dir\xfe"))
+    with open(os.path.join(bytes(tree), b"bad\xff"), "wb") as fh:
+        fh.write(b"b")
+    r = subprocess.run([*CLI, "put", "-r", "-s", daemon.address, str(tree)], env=ENV,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(r.stderr.splitlines()) == [
+        "filesrv: skipped bad\\xff: its name is not valid UTF-8, which the protocol needs",
+        "filesrv: skipped dir\\xfe: its name is not valid UTF-8, which the protocol needs"]
+    assert (daemon.root / "tree" / "ok.txt").read_text() == "a"
+    assert (daemon.root / "tree" / "sub" / "c.txt").read_text() == "c"
+
+
+def test_hash_r_into_a_closed_pipe_ends_quietly_as_coreutils_do(daemon, tmp_path):
+    for i in range(3000):  # more than a pipe holds
+        (daemon.root / "many").mkdir(exist_ok=True)
+        (daemon.root / "many" / f"f{i}").write_text(str(i))
+    for command in (["hash", "-r", "many"], ["ls", "-r", "many"]):
+        proc = subprocess.Popen([*CLI, *command, "-s", daemon.address], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline()
+        proc.stdout.close()  # as `| head -1` does
+        err = proc.stderr.read().decode()  # type: ignore[union-attr]
+        assert proc.wait(timeout=60) == -signal.SIGPIPE, err
+        assert err == ""
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], env=ENV, capture_output=True, text=True,
+                          timeout=60, cwd=cwd)
+
+
+def test_every_subcommand_fails_on_one_line_with_a_documented_status(daemon, tmp_path):
+    """Each error path: one line on stderr, no traceback, an exit status the README lists."""
+    (daemon.root / "d").mkdir()
+    (daemon.root / "d" / "f.txt").write_text("f")
+    (daemon.root / "top.txt").write_text("t")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    s = ["-s", daemon.address]
+    refused = ["-s", f"127.0.0.1:{free_port()}"]
+    cases = [
+        (["put", *s, str(tmp_path / "missing")], 9),
+        (["put", *s, "-r", str(tmp_path / "missing")], 9),
+        (["put", *s, str(a_file), "../out"], 5),
+        (["put", *refused, str(a_file)], 3),
+        (["get", *s, "nothing.txt", str(tmp_path / "n")], 4),
+        (["get", *s, "top.txt", str(a_file / "under-a-file")], 9),
+        (["get", *s, "-r", "d", str(a_file)], 9),
+        (["get", *s, "-r", "d", str(a_file / "sub")], 9),
+        (["get", *s, "-r", "nothing", str(tmp_path / "n2")], 4),
+        (["get", *refused, "top.txt", str(tmp_path / "n3")], 3),
+        (["ls", *s, "nothing"], 4),
+        (["ls", *s, "../x"], 5),
+        (["ls", *refused], 3),
+        (["rm", *s, "nothing"], 4),
+        (["rm", *s, "d"], 4),
+        (["mv", *s, "nothing", "other"], 4),
+        (["mkdir", *s, "d"], 4),
+        (["mkdir", *s, "no/such/parent"], 4),
+        (["hash", *s, "nothing"], 4),
+        (["hash", *s, "d"], 4),
+        (["hash", *refused, "top.txt"], 3),
+        (["ls", "-s", "127.0.0.1:notaport"], 2),
+        (["ls", *s, "--token-file", str(tmp_path / "no-token-file")], 2),
+    ]
+    documented = {int(n) for n in re.findall(r"\b(\d+) [a-z]", readme_exit_statuses())}
+    for args, status in cases:
+        r = run_cli(*args)
+        assert "Traceback" not in r.stderr, (args, r.stderr)
+        assert r.returncode == status, (args, r.returncode, r.stderr)
+        assert r.returncode in documented, (args, r.returncode)
+        if status != 2:  # argparse prints its usage line above the error
+            assert len(r.stderr.splitlines()) == 1, (args, r.stderr)
+        assert r.stderr.strip(), args
+
+
+def readme_exit_statuses() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return text.split("Exit status:", 1)[1].split("\n\n", 1)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
