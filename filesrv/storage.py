@@ -38,6 +38,7 @@ TAKEOVER_SIGNAL = signal.SIGUSR1
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
 _UNCACHED_DIGEST = 1024 * 1024  # below this, hashing is cheaper than a cache lookup
 _TRASH_MAX_AGE = 60.0  # replaced files whose deletion was cut short, swept after this
+_BATCH_PREFIX = "batch-"  # put_files temporaries: batch-<token>-<index>.part, batch-<token>.lock
 
 
 def io_error(exc: OSError, what: str) -> FilesrvError:
@@ -567,19 +568,24 @@ class Storage:
             raise IsADirectory(f"{'/'.join(parts)!r} is a directory")
 
     def remove_stale_partials(self, max_age: float) -> list[str]:
-        """Delete unlocked partial uploads untouched for `max_age` seconds; their names."""
+        """Delete unlocked partial uploads untouched for `max_age` seconds, and empty ones
+        at once (left by a crash before the first byte: nothing to resume); their names."""
         cutoff = time.time() - max_age
-        removed = []
         with os.scandir(self.partials_fd) as it:
-            names = [e.name for e in it if e.name.endswith(".part")]
+            names = [e.name for e in it]
+        removed = self._remove_orphaned_batches(
+            [n for n in names if n.startswith(_BATCH_PREFIX)])
         for name in names:
+            if name.startswith(_BATCH_PREFIX) or not name.endswith(".part"):
+                continue
             try:
                 fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
                              dir_fd=self.partials_fd)
             except OSError:
                 continue
             try:
-                if os.fstat(fd).st_mtime >= cutoff:
+                st = os.fstat(fd)
+                if st.st_mtime >= cutoff and st.st_size > 0:
                     continue
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # in use: OSError, skip
                 if os.stat(name, dir_fd=self.partials_fd).st_ino == os.fstat(fd).st_ino:
@@ -589,6 +595,45 @@ class Storage:
                 pass
             finally:
                 os.close(fd)
+        return removed
+
+    def _remove_orphaned_batches(self, names: list[str]) -> list[str]:
+        """Temporaries of put_files batches whose process is gone (no lock file, or one
+        nobody holds): they can never be resumed. Their names, removed."""
+        batches: dict[str, list[str]] = {}  # token: its temporaries
+        for name in names:
+            token = name[len(_BATCH_PREFIX):].split("-", 1)[0].split(".", 1)[0]
+            files = batches.setdefault(token, [])
+            if name.endswith(".part"):
+                files.append(name)
+        removed = []
+        for token, files in batches.items():
+            lock_name = f"{_BATCH_PREFIX}{token}.lock"
+            try:
+                lock_fd = os.open(lock_name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                  dir_fd=self.partials_fd)
+            except FileNotFoundError:
+                lock_fd = -1  # created before its first temporary: its batch is over
+            except OSError:
+                continue
+            try:
+                if lock_fd >= 0:
+                    fcntl.lockf(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: OSError
+                for name in files:
+                    try:
+                        os.unlink(name, dir_fd=self.partials_fd)
+                        removed.append(name)
+                    except FileNotFoundError:
+                        pass
+                if lock_fd >= 0 and os.stat(lock_name, dir_fd=self.partials_fd,
+                                            follow_symlinks=False).st_ino == \
+                        os.fstat(lock_fd).st_ino:
+                    os.unlink(lock_name, dir_fd=self.partials_fd)
+            except OSError:
+                pass
+            finally:
+                if lock_fd >= 0:
+                    os.close(lock_fd)
         return removed
 
     def place(self, partial_name: str, parts: tuple[str, ...]) -> str | None:
@@ -638,23 +683,48 @@ class BatchUpload:
     instead of an fsync and a directory fsync per file).
 
     A file never appears at its final name before its bytes are durable; a batch cut
-    short leaves nothing but temporaries, which `discard` (or the stale sweep) removes.
+    short leaves nothing but temporaries, which `discard` removes (or, after a crash,
+    the sweep: temporaries cannot be resumed). While the batch lives it holds a POSIX
+    lock on `batch-<token>.lock`, which tells the sweep of any replica sharing the root
+    to leave its `batch-<token>-<index>.part` files alone.
     """
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.received: dict[int, tuple[str, tuple[str, ...]]] = {}
         self._temporaries: set[str] = set()  # created and not (yet) placed
+        self._token = os.urandom(8).hex()  # unique across replicas, unlike a pid
+        self._lock_fd = -1
 
-    @staticmethod
-    def _name(index: int) -> str:
-        return f"batch-{os.getpid()}-{index}.part"
+    def _name(self, index: int) -> str:
+        return f"{_BATCH_PREFIX}{self._token}-{index}.part"
+
+    def _hold_lock(self) -> None:
+        """Create and lock this batch's lock file, before its first temporary."""
+        name = f"{_BATCH_PREFIX}{self._token}.lock"
+        pfd = self.storage.partials_fd
+        for _ in range(5):  # the sweep may take a lock file in the instant before we lock it
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                         dir_fd=pfd)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if os.stat(name, dir_fd=pfd, follow_symlinks=False).st_ino == \
+                        os.fstat(fd).st_ino:
+                    self._lock_fd = fd
+                    return
+            except OSError:
+                pass
+            os.close(fd)
+            time.sleep(0.01)
+        raise IoError("could not lock the batch's temporaries")
 
     def receive(self, index: int, chunks: Iterable[memoryview]) -> str:
         """Write the bytes of the file at `index` of the request, as they arrive, into a
         new temporary; their XXH3-128."""
         name = self._name(index)
         try:
+            if self._lock_fd < 0:
+                self._hold_lock()
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o644, dir_fd=self.storage.partials_fd)
         except OSError as exc:
@@ -730,12 +800,21 @@ class BatchUpload:
             os.close(target_parent)
 
     def discard(self) -> None:
-        """Remove what is left in partials/ (files that failed, or a batch cut short)."""
+        """Remove what is left in partials/ (files that failed, or a batch cut short),
+        then the lock file."""
         for name in self._temporaries:
             try:
                 os.unlink(name, dir_fd=self.storage.partials_fd)
             except FileNotFoundError:
                 pass
+        self._temporaries.clear()
+        if self._lock_fd >= 0:
+            try:
+                os.unlink(f"{_BATCH_PREFIX}{self._token}.lock", dir_fd=self.storage.partials_fd)
+            except FileNotFoundError:
+                pass
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
 
 def _write_all(fd: int, data: memoryview, position: int, what: str) -> None:
@@ -918,8 +997,11 @@ class PartialUpload:
         deadline = time.monotonic() + _TAKEOVER_WAIT
         signalled = 0
         while True:
-            fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=pfd)
+            try:
+                fd = os.open(self.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=pfd)
+            except OSError as exc:  # no space or no free inode: no_space, not a dropped line
+                raise io_error(exc, "creating the partial upload") from None
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -981,10 +1063,23 @@ class PartialUpload:
             pass
 
     def close(self) -> None:
-        """Release the lock; an unfinished partial stays for a later resume."""
+        """Release the lock; an unfinished partial stays for a later resume, an empty one
+        (a put that never sent a byte) is removed: nothing to resume, an inode to keep."""
         if self.fd >= 0:
+            self._remove_if_empty()
             os.close(self.fd)
             self.fd = -1
+
+    def _remove_if_empty(self) -> None:
+        # under our lock nobody else unlinks or replaces the name; after a commit or a
+        # discard the name is gone or another upload's, which the identity check leaves be
+        try:
+            mine = os.fstat(self.fd)
+            if mine.st_size == 0 and os.stat(self.name, dir_fd=self.storage.partials_fd,
+                                             follow_symlinks=False).st_ino == mine.st_ino:
+                os.unlink(self.name, dir_fd=self.storage.partials_fd)
+        except OSError:
+            pass
 
     def release_replaced(self) -> None:
         """Free the file this upload replaced (slow for big files: after the reply)."""

@@ -3,15 +3,18 @@ the real daemon and CLI keep serving every other name."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import pytest
 import xxhash
 
-from conftest import RawConnection, cli, cli_json
+from conftest import RawConnection, cli, cli_json, wait_for
 from filesrv.protocol import Data, GetFiles, PutFiles
 
 
@@ -162,3 +165,96 @@ def test_symlinks_to_directories_answer_per_request_and_per_entry(daemon):
     assert (daemon.root / "d" / "new.txt").read_bytes() == body
     assert conn.request({"op": "stat", "path": "slash/f.txt"})["size"] == 9  # still in step
     assert "internal" not in daemon.log_text()
+
+
+# ------------------------------------------------------------------ out of space, partials
+
+@pytest.fixture
+def tmpfs_with_few_inodes(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,nr_inodes=64", "tmpfs",
+                        str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def use_every_inode(where: Path) -> list[Path]:
+    where.mkdir()
+    made: list[Path] = []
+    for i in range(200):  # nr_inodes=64: runs out long before
+        try:
+            (where / f"f{i}").touch()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+            return made
+        made.append(where / f"f{i}")
+    raise AssertionError("the file system never ran out of inodes")
+
+
+def test_no_free_inode_for_a_partial_answers_no_space_at_once(daemon_factory,
+                                                               tmpfs_with_few_inodes, tmp_path):
+    root = tmpfs_with_few_inodes / "root"
+    daemon = daemon_factory(root=root)
+    fillers = use_every_inode(root / "fill")
+    src = tmp_path / "small.bin"
+    src.write_bytes(b"x" * 5000)
+    r = cli("put", "-s", daemon.address, str(src), check=False)
+    assert r.returncode == 7 and "no space" in r.stderr, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "no_space" in daemon.log_text()  # answered, not a dropped connection
+    assert daemon.alive() and list((root / ".filesrv" / "partials").iterdir()) == []
+    for f in fillers[:5]:
+        f.unlink()
+    cli("put", "-s", daemon.address, str(src))
+    assert (root / "small.bin").read_bytes() == src.read_bytes()
+
+
+def test_a_put_that_never_sends_a_byte_leaves_no_partial_behind(daemon):
+    partials = daemon.root / ".filesrv" / "partials"
+    for i in range(3):
+        conn = RawConnection(daemon.port)
+        reply = conn.request({"op": "put", "path": f"never{i}.bin", "size": 1000, "source": "s"})
+        assert reply == {"ok": True, "offset": 0}
+        assert len(list(partials.iterdir())) == 1  # the upload holds its partial meanwhile
+        conn.close()
+        wait_for(lambda: not list(partials.iterdir()), timeout=10,
+                 what="the empty partial to be removed")
+
+
+def hold_posix_lock(path: Path) -> subprocess.Popen[str]:
+    """Another live process (as a replica sharing the root would be) holding a lock."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl,sys\n"
+         f"f = open({str(path)!r}, 'r+')\nfcntl.lockf(f, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\nsys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_temporaries_a_crash_left_are_removed_at_start_but_not_a_live_batch(daemon_factory,
+                                                                           tmp_path):
+    partials = tmp_path / "root" / ".filesrv" / "partials"
+    partials.mkdir(parents=True)
+    orphans = ["batch-4242-0.part", "batch-4242-1.part",            # before batches had locks
+               "batch-00aa-0.part", "batch-00aa.lock",              # its process is gone
+               "0123456789abcdef0123456789abcdef01234567.part"]     # a put that sent nothing
+    kept = ["batch-11bb-0.part", "batch-11bb.lock",                 # a live replica's batch
+            "fedcba9876543210fedcba9876543210fedcba98.part"]        # a put to resume
+    for name in orphans + kept:
+        (partials / name).write_bytes(b"" if name.endswith(("lock", "567.part")) else b"bytes")
+    holder = hold_posix_lock(partials / "batch-11bb.lock")
+    try:
+        daemon = daemon_factory(root=tmp_path / "root")
+        wait_for(lambda: not any((partials / n).exists() for n in orphans), timeout=10,
+                 what="the start-up sweep to remove the orphaned temporaries")
+        assert sorted(os.listdir(partials)) == sorted(kept)
+        assert "removed stale partial upload batch-4242-0.part" in daemon.log_text()
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)
