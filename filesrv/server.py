@@ -528,6 +528,7 @@ class FilesrvServer(socketserver.ForkingTCPServer):
             for name in self.storage.remove_stale_partials(self.options.partial_max_age):
                 log(f"removed stale partial upload {name}")
             self.storage.empty_trash()
+            self.storage.prune_digests()
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         self.collect_children()

@@ -38,6 +38,7 @@ TAKEOVER_SIGNAL = signal.SIGUSR1
 _FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux (64-bit off_t)
 _UNCACHED_DIGEST = 1024 * 1024  # below this, hashing is cheaper than a cache lookup
 _TRASH_MAX_AGE = 60.0  # replaced files whose deletion was cut short, swept after this
+_DIGEST_CACHE_MAX = 20_000  # entries kept by each sweep (each one a file of 1 MiB or more)
 _BATCH_PREFIX = "batch-"  # put_files temporaries: batch-<token>-<index>.part, batch-<token>.lock
 
 
@@ -59,6 +60,7 @@ class ReadableFile(NamedTuple):
     size: int
     etag: str
     identity: tuple[int, int, int, int]
+    path: str = ""  # as the client named it: where the digest cache's sweep looks again
 
     def close(self) -> None:
         os.close(self.fd)
@@ -242,7 +244,7 @@ class Storage:
         os.set_blocking(fd, True)
         identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         return ReadableFile(fd=fd, size=st.st_size, etag="%x-%x-%x-%x" % identity,
-                            identity=identity)
+                            identity=identity, path=shown)
 
     def digest_of(self, f: ReadableFile) -> str:
         """Whole-file XXH3-128, from the cache when this version was hashed before."""
@@ -256,7 +258,7 @@ class Storage:
         digest = hasher.hexdigest()
         st = os.fstat(f.fd)
         if cacheable and (st.st_size, st.st_mtime_ns) == f.identity[2:]:  # unchanged meanwhile
-            self.store_digest(f.identity, digest)
+            self.store_digest(f.identity, digest, f.path)
         return digest
 
     def read_small(self, f: ReadableFile) -> tuple[bytes, str]:
@@ -277,12 +279,15 @@ class Storage:
             pass
         return None
 
-    def store_digest(self, identity: tuple[int, int, int, int], digest: str) -> None:
-        """Best effort: a lost or torn cache entry only costs a re-hash."""
+    def store_digest(self, identity: tuple[int, int, int, int], digest: str,
+                     path: str) -> None:
+        """Best effort: a lost or torn cache entry only costs a re-hash. `path` is where
+        the file was (the sweep prunes the entry once no such file is there)."""
         dev, ino, size, mtime_ns = identity
         name = f"{dev:x}-{ino:x}"
         tmp = f"{name}.{os.getpid()}.tmp"
-        record = json.dumps({"size": size, "mtime_ns": mtime_ns, "xxh128": digest})
+        record = json.dumps({"size": size, "mtime_ns": mtime_ns, "xxh128": digest,
+                             "path": path}, ensure_ascii=True)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
                          dir_fd=self.digests_fd)
@@ -296,6 +301,52 @@ class Storage:
 
     def _digest_opener(self, name: str, flags: int) -> int:
         return os.open(name, flags | os.O_NOFOLLOW, dir_fd=self.digests_fd)
+
+    def prune_digests(self, max_entries: int = _DIGEST_CACHE_MAX) -> int:
+        """The sweep of the digest cache: drop the entries of files deleted, changed or
+        moved since they were hashed (looked up again at the path they had), writes cut
+        short, and beyond `max_entries` the oldest. How many were dropped."""
+        cutoff = time.time() - _TRASH_MAX_AGE
+        kept: list[tuple[float, str]] = []
+        dropped = 0
+        with os.scandir(self.digests_fd) as it:
+            names = [e.name for e in it]
+        for name in names:
+            try:
+                written = os.stat(name, dir_fd=self.digests_fd, follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if name.endswith(".tmp"):
+                current = written >= cutoff  # still being written, or left by a crash
+            else:
+                current = self._digest_entry_current(name)
+                if current:
+                    kept.append((written, name))
+            if not current:
+                dropped += self._drop_digest(name)
+        kept.sort()
+        for _, name in kept[: max(0, len(kept) - max_entries)]:
+            dropped += self._drop_digest(name)
+        return dropped
+
+    def _digest_entry_current(self, name: str) -> bool:
+        """The file the entry was written for is still at its path, unchanged."""
+        try:
+            with open(name, "rb", opener=self._digest_opener) as fh:
+                record = json.loads(fh.read(64 * 1024))
+            path = record["path"]
+            kind, st = self.stat_entry(tuple(path.split("/")))
+            return (kind == "file" and name == f"{st.st_dev:x}-{st.st_ino:x}"
+                    and (st.st_size, st.st_mtime_ns) == (record["size"], record["mtime_ns"]))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, FilesrvError):
+            return False  # gone, changed, unreadable, or an entry from before paths were kept
+
+    def _drop_digest(self, name: str) -> int:
+        try:
+            os.unlink(name, dir_fd=self.digests_fd)
+            return 1
+        except OSError:
+            return 0
 
     # ------------------------------------------------------------ listing
 
@@ -1053,7 +1104,7 @@ class PartialUpload:
         self.trashed = self.storage.place(self.name, self.parts)
         if st.st_size >= _UNCACHED_DIGEST:  # smaller files are hashed, never looked up
             self.storage.store_digest((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns),
-                                      actual)
+                                      actual, "/".join(self.parts))
         return actual
 
     def discard(self) -> None:

@@ -211,3 +211,50 @@ def test_a_directory_the_daemon_cannot_read_fails_the_listing_cleanly(root: Path
         storage.list_dir((), recursive=True)
     assert len(os.listdir("/proc/self/fd")) == open_before  # no directory fd left open
     assert [e.name for e in storage.list_dir(("dir",))] == ["inside.txt", "locked"]
+
+
+def test_the_sweep_prunes_digests_of_deleted_changed_or_moved_files_and_bounds_the_cache(
+        root: Path):
+    storage = Storage(str(root))
+    digests = root / ".filesrv" / "digests"
+    big = os.urandom(1024 * 1024)  # the cache keeps files of 1 MiB and more
+
+    def hash_file(name: str) -> None:
+        f = storage.open_for_read((name,))
+        try:
+            assert storage.digest_of(f) == xxhash.xxh3_128(big).hexdigest()
+        finally:
+            f.close()
+
+    def cached() -> set[str]:
+        return set(os.listdir(digests))
+
+    def entry(name: str) -> str:
+        st = (root / name).stat()
+        return f"{st.st_dev:x}-{st.st_ino:x}"
+
+    for name in ("kept", "deleted", "changed", "moved"):
+        (root / name).write_bytes(big)
+        hash_file(name)
+    upload(storage, ("uploaded",), big)
+    assert len(cached()) == 5
+    (root / "orphan.123.tmp").write_bytes(b"{}")  # a write cut short, long ago
+    os.rename(root / "orphan.123.tmp", digests / "orphan.123.tmp")
+    os.utime(digests / "orphan.123.tmp", (1, 1))
+    expected = {entry("kept"), entry("uploaded")}
+    (root / "deleted").unlink()
+    with open(root / "changed", "r+b") as fh:  # same inode, other bytes
+        fh.write(b"new")
+    os.rename(root / "moved", root / "elsewhere")
+    assert storage.prune_digests() == 4
+    assert cached() == expected
+
+    for name in expected:
+        os.utime(digests / name, (1, 1))  # written long ago
+    for i in range(6):
+        (root / f"f{i}").write_bytes(big)
+        hash_file(f"f{i}")
+        os.utime(digests / entry(f"f{i}"), (1000 + i, 1000 + i))  # written in this order
+    assert len(cached()) == 8
+    storage.prune_digests(max_entries=3)
+    assert cached() == {entry("f3"), entry("f4"), entry("f5")}  # the newest three
