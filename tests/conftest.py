@@ -42,10 +42,12 @@ def private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
 class Daemon:
     """`filesrv serve` on a free loopback port; stopped by its PID at teardown."""
 
-    def __init__(self, root: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, root: Path, log_path: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
         self.root = root
         self.log_path = log_path
         self.extra = extra
+        self.env = {**ENV, **(env or {})}  # ENV itself is shared by every test: never changed
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -61,7 +63,7 @@ class Daemon:
         # its own session, so a crash test can SIGKILL the daemon and its children at once
         self.proc = subprocess.Popen(
             [*CLI, "serve", *base, *self.extra],
-            stdout=subprocess.PIPE, stderr=self.log, env=ENV, start_new_session=True)
+            stdout=subprocess.PIPE, stderr=self.log, env=self.env, start_new_session=True)
         line = _read_line(self.proc, START_TIMEOUT)
         assert "listening on 127.0.0.1:" in line, f"daemon did not start: {line!r}"
         self.port = int(line.split("listening on 127.0.0.1:")[1].split()[0])

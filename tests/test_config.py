@@ -34,13 +34,7 @@ def test_daemon_precedence_command_line_then_environment_then_file(tmp_path):
     small = random_file(tmp_path / "s.bin", 1500)
 
     def start(*extra: str, env: dict[str, str] | None = None) -> Daemon:
-        saved = dict(ENV)
-        ENV.update(env or {})
-        try:
-            return Daemon(Path("unused"), tmp_path / "d.log", *extra).start_raw()
-        finally:
-            ENV.clear()
-            ENV.update(saved)
+        return Daemon(Path("unused"), tmp_path / "d.log", *extra, env=env).start_raw()
 
     for extra, env, accepted in [
         (("--config", str(config)), {}, False),                                # file: 1K
@@ -48,7 +42,9 @@ def test_daemon_precedence_command_line_then_environment_then_file(tmp_path):
         (("--config", str(config), "--max-file-size", "1K"),
          {"FILESRV_MAX_FILE_SIZE": "2K"}, False),                              # CLI wins
     ]:
+        before = dict(ENV)
         d = start(*extra, env=env)
+        assert ENV == before  # the variables went to this daemon alone
         try:
             assert (tmp_path / "from-file").is_dir()  # the file's root was used
             r = cli("put", "-s", d.address, str(small), check=False)

@@ -11,7 +11,7 @@ import threading
 from collections import Counter
 from pathlib import Path
 
-from conftest import cli_json, random_file, xxh128_of
+from conftest import random_file, xxh128_of
 from filesrv.client import Client
 from filesrv.protocol import Get, decode_header, parse_length_prefix
 from filesrv.server import ConnectionHandler
@@ -90,10 +90,44 @@ def test_receive_loop_reuses_one_buffer(daemon, tmp_path: Path):
     assert calls["socket.recv"] <= 2, calls
 
 
-def test_get_with_fsync_flushes_through_the_writeback_window(daemon, tmp_path: Path):
-    src = random_file(daemon.root / "w.bin", 40 * 1024 * 1024 + 5)
-    got = cli_json("get", "-s", daemon.address, "--fsync", "w.bin", str(tmp_path / "w.bin"))
-    assert got["xxh128"] == xxh128_of(src) == xxh128_of(tmp_path / "w.bin")
+def test_get_with_fsync_flushes_through_the_writeback_window(daemon, tmp_path: Path,
+                                                            monkeypatch):
+    from filesrv import durability
+    size = 40 * 1024 * 1024 + 5  # one whole 32 MiB window, then the rest
+    src = random_file(daemon.root / "w.bin", size)
+    events: list[tuple] = []
+    real_range = durability._libc("sync_file_range")
+    assert real_range is not None, "Linux has sync_file_range"
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def sync_file_range(fd, offset, length, flags):  # the real call, observed
+        events.append(("sync_file_range", offset, length))
+        return real_range(fd, offset, length, flags)
+
+    def fsync(fd):
+        events.append(("fsync",))
+        return real_fsync(fd)
+
+    def replace(src_path, dst_path):
+        events.append(("replace", os.path.basename(dst_path)))
+        return real_replace(src_path, dst_path)
+
+    monkeypatch.setitem(durability._libc_functions, "sync_file_range", sync_file_range)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    with Client("127.0.0.1", daemon.port, durable=True) as client:  # what --fsync sets
+        got = client.get("w.bin", str(tmp_path / "w.bin"),
+                         progress=lambda done, total: events.append(("progress", done)))
+    assert got.xxh128 == xxh128_of(src) == xxh128_of(tmp_path / "w.bin")
+    kinds = [e[0] for e in events]
+    # the first window's writeback starts while the download goes on, not at the end
+    window = kinds.index("sync_file_range")
+    assert events[window][1:] == (0, durability.WINDOW)
+    assert ("progress", size) in events[window:]
+    # and the file is flushed after its last byte, before it takes its name
+    last_byte = events.index(("progress", size))
+    placed = events.index(("replace", "w.bin"))
+    assert "fsync" in kinds[last_byte:placed], events[last_byte:]
 
 
 def test_put_sends_file_bytes_zero_copy_and_hashes_them(daemon, tmp_path: Path):

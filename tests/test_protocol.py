@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -201,13 +202,44 @@ def test_listing_round_trips_and_rejects_bad_entries():
 
 # ------------------------------------------------------------------ digest
 
-@pytest.mark.parametrize("data,expected", [
+DIGEST_VECTORS = [  # as xxh128sum prints them
     (b"", "99aa06d3014798d86001c324468d497f"),
     (b"abc", "06b05ab6733a618578af5f94892f3950"),
     (bytes(range(256)) * 4096, "1b208d2839093774d36c0e13a3df139e"),
-])
-def test_digest_matches_vectors_printed_by_xxh128sum(data, expected):
-    assert xxhash.xxh3_128(data).hexdigest() == expected
+]
+
+
+@pytest.mark.parametrize("buffer_size", [1, 7, 4096, 1 << 20])
+@pytest.mark.parametrize("data,expected", DIGEST_VECTORS)
+def test_hash_fd_range_of_a_whole_file_matches_xxh128sum(tmp_path, data, expected,
+                                                         buffer_size):
+    from filesrv.hashing import hash_fd_range
+    path = tmp_path / "v.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = xxhash.xxh3_128()
+        hash_fd_range(fd, 0, len(data), hasher, bytearray(buffer_size))
+    finally:
+        os.close(fd)
+    assert hasher.hexdigest() == expected
+
+
+def test_hash_fd_range_feeds_exactly_its_range_and_refuses_a_short_file(tmp_path):
+    from filesrv.errors import IoError
+    from filesrv.hashing import hash_fd_range
+    data = bytes(range(256)) * 64
+    path = tmp_path / "r.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = xxhash.xxh3_128(b"abc")  # a range continues what came before it
+        hash_fd_range(fd, 100, 9000, hasher, bytearray(1000))
+        assert hasher.hexdigest() == xxhash.xxh3_128(b"abc" + data[100:9000]).hexdigest()
+        with pytest.raises(IoError):
+            hash_fd_range(fd, 0, len(data) + 1, xxhash.xxh3_128(), bytearray(4096))
+    finally:
+        os.close(fd)
 
 
 def test_auth_proof_matches_the_documented_example():

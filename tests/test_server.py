@@ -190,9 +190,9 @@ def test_readers_see_the_old_file_or_the_new_one_whole(daemon, tmp_path):
 
 def test_beyond_max_children_a_client_gets_busy_at_once(daemon_factory, tmp_path):
     daemon = daemon_factory("--max-children", "2")
+    # each holder has had its hello answered: two children are serving, the limit is reached
     holders = [RawConnection(daemon.port) for _ in range(2)]
     try:
-        wait_for(lambda: daemon.log_text().count("busy") == 0, what="start")
         started = time.monotonic()
         extra = RawConnection(daemon.port, handshake=False)
         reply = extra.read_header()
@@ -238,12 +238,30 @@ def test_sigterm_stops_the_daemon_with_status_zero(daemon_factory, tmp_path):
 
 
 def test_one_log_line_per_command(daemon, tmp_path):
+    from filesrv.client import Client
+    from filesrv.errors import NotFound
     src = random_file(tmp_path / "l.bin", 1234)
-    cli("put", "-s", daemon.address, str(src), "l.bin")
-    cli("get", "-s", daemon.address, "missing", str(tmp_path / "m"), check=False)
-    log = daemon.log_text()
-    assert "127.0.0.1:" in log and "put 'l.bin' bytes=1234" in log and " ok" in log
-    assert "get 'missing'" in log and "not_found" in log
+    with Client("127.0.0.1", daemon.port) as client:  # five commands over one connection
+        client.put(str(src), "l.bin")
+        peer = "%s:%d" % client.channel.sock.getsockname()[:2]
+        client.mkdir("d")
+        client.ls("")
+        with pytest.raises(NotFound):
+            client.get("missing", str(tmp_path / "m"))
+        client.stat("l.bin")
+
+    def lines() -> list[str]:
+        return [line.split(f" {peer} ", 1)[1] for line in daemon.log_text().splitlines()
+                if f" {peer} " in line]
+    # one child serves the connection in order: once stat's line is there, all are; a
+    # later command's line then shows that the connection's end added none
+    wait_for(lambda: any(line.startswith("stat ") for line in lines()), what="stat's line")
+    cli("ls", "-s", daemon.address)
+    wait_for(lambda: daemon.log_text().rstrip().endswith("ok") and
+             daemon.log_text().count(" ls ") == 2, what="the later command's line")
+    assert [(line.split()[0], line.split()[-1]) for line in lines()] == [
+        ("put", "ok"), ("mkdir", "ok"), ("ls", "ok"), ("get", "not_found"), ("stat", "ok")]
+    assert lines()[0].startswith("put 'l.bin' bytes=1234 ")
 
 
 # ------------------------------------------------------------------ the CLI's failures

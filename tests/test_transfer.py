@@ -59,8 +59,11 @@ def test_names_with_spaces_and_unicode(daemon, tmp_path: Path):
     assert put["path"] == remote
     listing = cli_json("ls", "-s", daemon.address, "dir with space")
     assert [e["name"] for e in listing] == ["ünï cødé 文件.bin"]
-    got = cli_json("get", "-s", daemon.address, remote, cwd=tmp_path / ".")
-    assert got["path"] == remote
+    back = tmp_path / "back"  # not beside the source: the get must write a file of its own
+    back.mkdir()
+    got = cli_json("get", "-s", daemon.address, remote, cwd=back)
+    assert got["path"] == remote and got["xxh128"] == xxh128_of(src)
+    assert (back / "ünï cødé 文件.bin").read_bytes() == src.read_bytes()
 
 
 def test_remote_defaults_and_directory_targets(daemon, tmp_path: Path):
