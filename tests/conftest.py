@@ -47,7 +47,7 @@ class Daemon:
         self.root = root
         self.log_path = log_path
         self.extra = extra
-        self.env = {**ENV, **(env or {})}  # ENV itself is shared by every test: never changed
+        self.env = {**ENV, **(env or {})}  # a copy: its variables never leak into ENV
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
