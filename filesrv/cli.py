@@ -898,6 +898,7 @@ def _byte_bar_class() -> type:
         `status` (e.g. reconnecting) replaces the rate and the time left while set."""
 
         status = ""
+        _moving_from = float("inf")  # when data was expected to move again after a cut
 
         @property
         def format_dict(self) -> dict[str, Any]:
@@ -912,6 +913,21 @@ def _byte_bar_class() -> type:
             if self.status:
                 info["bar_format"] = _STATUS_FORMAT
             return info
+
+        def reconnecting(self, what: str, delay: float) -> None:
+            """Show `what` instead of the rate until resumed(); data moves again in about
+            `delay` seconds (the client's wait before it connects again)."""
+            self.status = what
+            self._moving_from = self._time() + delay
+            self.refresh()
+
+        def resumed(self) -> None:
+            """Data moves again: the rate's next sample starts when the client reconnected,
+            so the outage is not in it (as a whole batch reported at once would be, if it
+            started at its first report). The elapsed time stays the wall clock's."""
+            self.status = ""
+            self.last_print_n = self.n
+            self.last_print_t = min(self._time(), self._moving_from)
 
         def skip(self, count: int) -> None:
             """Move by bytes that did not cross the wire just now (already there, resumed):
@@ -950,18 +966,16 @@ class _Status:
             print(f"filesrv: connection lost, {what}: {reason}", file=sys.stderr,
                   flush=True)
         else:
-            self.bar.status = what
-            self.bar.refresh()
+            self.bar.reconnecting(what, notice.delay)
 
     def moving_again(self) -> bool:
         """Called as data moves; True the first time after a reconnect, when the bar's
-        clock is restarted so the outage does not drag its rate down."""
+        rate restarts so the outage does not drag it down."""
         if not self.reconnecting:
             return False
         self.reconnecting = False
         if self.bar is not None:
-            self.bar.status = ""
-            self.bar.unpause()
+            self.bar.resumed()
         return True
 
 

@@ -161,3 +161,44 @@ def test_get_and_put_of_a_directory_without_r_say_so_alike(daemon, tmp_path):
     assert put.stderr == f"filesrv: {tmp_path / 'd'} is a directory (use -r)\n"
     assert got.returncode == put.returncode == 4
     assert not (tmp_path / "x").exists() and not (daemon.root / "y").exists()
+
+
+def test_the_bars_rate_after_a_reconnect_leaves_the_outage_out(monkeypatch):
+    """The tree bar on a clock of our own: 1 MiB batches every 0.25 s (4 MiB/s), a cut, a
+    0.5 s wait, the batch sent again. The rate never shows more than moved, nor the wait:
+    counting from the batch's report (not from the reconnect) made it 5.2 MiB/s."""
+    import argparse
+    import io
+
+    from filesrv import cli as filesrv_cli
+    from filesrv.client import Reconnecting
+    now = [1000.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: now[0])  # the clock a bar takes at start
+    monkeypatch.setattr(filesrv_cli.sys, "stderr", io.StringIO())
+    args = argparse.Namespace(no_progress=False, json=False)
+    progress = filesrv_cli.TreeProgress("put t", 40 * MiB, 40, args)
+    progress.enabled = True  # stderr is no terminal here; the bar's arithmetic is the same
+    rates = []
+
+    def batch_done() -> None:
+        progress.file_progress(MiB, MiB)
+        progress.file_done(type("R", (), {"skipped": False, "size": MiB, "bytes_moved": MiB,
+                                          "as_dict": dict})())
+        rate = progress.bar.format_dict["rate"]
+        if rate is not None:
+            rates.append(rate)
+
+    with progress:
+        for _ in range(8):
+            now[0] += 0.25
+            batch_done()
+        progress.retrying(Reconnecting(1, 5, 0.5, "cut"))  # the batch under way is lost
+        assert "reconnecting in 0.5 s (attempt 1 of 5)" in str(progress.bar)
+        now[0] += 0.5 + 0.25  # the wait, then the batch sent again
+        batch_done()
+        assert "reconnecting" not in str(progress.bar)
+        for _ in range(4):
+            now[0] += 0.25
+            batch_done()
+    assert len(rates) >= 10
+    assert max(rates) <= 4 * MiB * 1.01 and min(rates) >= 4 * MiB * 0.99, rates
