@@ -19,6 +19,15 @@ COPY filesrv /src/filesrv
 RUN pip install --no-cache-dir --disable-pip-version-check /src && rm -rf /src
 COPY rig/faultproxy.py /opt/filesrv-rig/faultproxy.py
 
+# The daemon (and the rig's client) run as an unprivileged user. /srv/storage is its own:
+# a named volume mounted there starts empty with this owner (an older volume made by a root
+# image needs: docker compose run --rm -u root server chown -R filesrv: /srv/storage).
+RUN useradd --system --user-group --uid 10001 --create-home --home-dir /home/filesrv \
+      --shell /usr/sbin/nologin filesrv \
+    && install -d -o filesrv -g filesrv -m 750 /srv/storage
+USER filesrv
+WORKDIR /home/filesrv
+
 EXPOSE 8750
 HEALTHCHECK --interval=2s --timeout=5s --start-period=2s --retries=15 \
   CMD filesrv ls -s 127.0.0.1:8750 --retries 0 >/dev/null || exit 1
