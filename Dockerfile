@@ -16,6 +16,7 @@ RUN python3 -m venv /opt/filesrv
 ENV PATH=/opt/filesrv/bin:$PATH
 COPY pyproject.toml README.md /src/
 COPY filesrv /src/filesrv
+COPY man/filesrv.1 /src/man/filesrv.1
 RUN pip install --no-cache-dir --disable-pip-version-check /src && rm -rf /src
 COPY rig/faultproxy.py /opt/filesrv-rig/faultproxy.py
 

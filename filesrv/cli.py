@@ -87,6 +87,10 @@ HASH_EXAMPLES = """\
   filesrv hash isos/big.iso            as xxh128sum prints it
   filesrv hash -r isos > SUMS          then: cd isos-copy && xxh128sum -c ../SUMS
 """
+COMPLETION_EXAMPLES = """\
+  filesrv completion bash > ~/.local/share/bash-completion/completions/filesrv
+  filesrv completion zsh > ~/.zfunc/_filesrv     with fpath+=(~/.zfunc) before compinit
+"""
 HELP_EXAMPLES = """\
   filesrv help put                     the same as: filesrv put --help
   filesrv help                         the list of commands
@@ -157,6 +161,18 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=28)
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        # argparse measures command names without the indent they are printed at: count it,
+        # so that a long name ('completion') does not push its summary to the next line
+        if action.help is not argparse.SUPPRESS and isinstance(action,
+                                                               argparse._SubParsersAction):
+            longest = max((len(self._format_action_invocation(choice))
+                           for choice in action._get_subactions()), default=0)
+            self._action_max_length = max(
+                self._action_max_length,
+                longest + self._current_indent + self._indent_increment)
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
         if "\n" in text:
@@ -362,6 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="every file under a directory, named relative to it")
     hashes.set_defaults(run=run_hash)
 
+    completion = command("completion", "print a shell completion script (bash, zsh)",
+                         COMPLETION_EXAMPLES,
+                         description="Print the completion script for SHELL: commands, "
+                         "options, local paths, and remote paths (listed by the server that "
+                         "the line's -s, --config, --tls, --cafile and --token-file name). "
+                         "For the current bash only: source <(filesrv completion bash).")
+    completion.add_argument("shell", metavar="SHELL", choices=("bash", "zsh"))
+    completion.set_defaults(run=lambda args: run_completion(parser, args))
+
     helps = command("help", "show a command's options and examples", HELP_EXAMPLES,
                     description="Same as `filesrv COMMAND --help`; without COMMAND, the list "
                     "of commands.")
@@ -408,7 +433,7 @@ def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]
     """
     name = next((arg for arg in argv if not arg.startswith("-")), None)
     command = parser.commands.get(name)  # type: ignore[attr-defined]
-    if command is None or name == "help":  # argparse explains, or has nothing to set
+    if command is None or name in ("help", "completion"):  # argparse explains, or no settings
         return parser.parse_args(argv)
     explicit = _config_option(argv) or os.environ.get("FILESRV_CONFIG")
     if name == "serve":
@@ -834,6 +859,18 @@ def run_help(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if command is None:
         raise UsageError(f"no command {args.topic!r} (the commands: filesrv help)")
     command.print_help()
+    return 0
+
+
+def run_completion(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`filesrv completion SHELL`: the script, generated from this very parser."""
+    try:
+        from .completion import script
+        text = script(parser, args.shell)
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"filesrv completion needs the {exc.name} package "
+                          f"(pip install {exc.name})") from None
+    sys.stdout.write(text)
     return 0
 
 
