@@ -752,10 +752,11 @@ class Client:
         limiter = limiter or RateLimiter(self.limit_rate)
         position = offset
         end = offset + length
-        free = _free_bytes(partial.folder)
-        if free is not None and length > free:  # fail before the first byte, not at the end
-            self.close()  # the body stays unread
-            raise _no_local_space(partial, length, free, offset)
+        if isinstance(partial, LocalPartial):  # a file, not a device or FIFO written through
+            free = _free_bytes(partial.folder)
+            if free is not None and length > free:  # fail before the first byte, not the last
+                self.close()  # the body stays unread
+                raise _no_local_space(partial, length, free, offset)
         if progress:
             progress(position, size)
         while position < end:
@@ -772,6 +773,7 @@ class Client:
                 partial.write(chunk, position)
             except LocalNoSpace:  # the space went while we wrote (another writer)
                 self.close()
+                assert isinstance(partial, LocalPartial)  # only its writes say LocalNoSpace
                 raise _no_local_space(partial, end - position,
                                       _free_bytes(partial.folder) or 0, position) from None
             hasher.update(chunk)
