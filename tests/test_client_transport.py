@@ -390,9 +390,9 @@ def test_put_r_skips_a_name_that_is_not_utf8_and_sends_the_rest(daemon, tmp_path
 
 
 def test_hash_r_into_a_closed_pipe_ends_quietly_as_coreutils_do(daemon, tmp_path):
-    for i in range(3000):  # more than a pipe holds
-        (daemon.root / "many").mkdir(exist_ok=True)
-        (daemon.root / "many" / f"f{i}").write_text(str(i))
+    (daemon.root / "many").mkdir()
+    for i in range(3000):  # names long enough that even ls -r prints more than a pipe holds
+        (daemon.root / "many" / f"a-file-with-a-name-of-forty-chars-{i:05d}").write_text("")
     for command in (["hash", "-r", "many"], ["ls", "-r", "many"]):
         proc = subprocess.Popen([*CLI, *command, "-s", daemon.address], env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
