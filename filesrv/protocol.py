@@ -25,6 +25,7 @@ MAX_PATH_BYTES = 4096
 MAX_NAME_BYTES = 255
 MAX_TAG_CHARS = 256
 MAX_BATCH_FILES = 1024  # entries in one put_files / get_files request
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a header; the deepest message has 3
 SKIP_IDENTICAL = "identical"  # put_files: keep a remote file with the same size and digest
 SKIP_EXISTING = "existing"    # put_files: keep any remote file of that name (--no-clobber)
 RESERVED_NAME = ".filesrv"  # the server's own state directory at the top of the root
@@ -33,6 +34,8 @@ _PREFIX = struct.Struct(">I")
 PREFIX_SIZE = _PREFIX.size
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 _NONCE_RE = re.compile(r"[0-9a-f]{64}")
+_JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKET_RE = re.compile(r"[^\[\]{}]+")
 AUTH_METHOD = "hmac-sha256"
 _AUTH_CONTEXT = b"filesrv-auth-v1:"
 
@@ -41,7 +44,11 @@ _AUTH_CONTEXT = b"filesrv-auth-v1:"
 
 def encode_frame(header: Mapping[str, Any]) -> bytes:
     """One frame: length prefix and compact UTF-8 JSON."""
-    payload = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    try:  # strict JSON (RFC 8259): no NaN or Infinity
+        payload = json.dumps(header, separators=(",", ":"), ensure_ascii=False,
+                             allow_nan=False).encode()
+    except ValueError as exc:
+        raise BadRequest(f"header cannot be sent as JSON: {exc}") from None
     if len(payload) > MAX_HEADER_SIZE:
         raise BadRequest(f"header of {len(payload)} bytes exceeds {MAX_HEADER_SIZE}")
     return _PREFIX.pack(len(payload)) + payload
@@ -56,13 +63,36 @@ def parse_length_prefix(prefix: bytes) -> int:
 
 
 def decode_header(payload: bytes) -> dict[str, Any]:
+    """A header's JSON object: strict RFC 8259, nested at most MAX_JSON_DEPTH deep."""
     try:
-        header = json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        _check_depth(text)
+        header = json.loads(text, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"header is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
         raise BadRequest("header is not a JSON object")
     return header
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON (RFC 8259)")
+
+
+def _check_depth(text: str) -> None:
+    """ValueError if arrays and objects nest deeper than MAX_JSON_DEPTH.
+
+    Checked before parsing, so a deep frame never reaches the recursive parser
+    (whose RecursionError is no ValueError). Brackets inside strings do not count.
+    """
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return  # the common case: too few brackets to nest that deep
+    brackets = _NOT_BRACKET_RE.sub("", _JSON_STRING_RE.sub("", text))
+    depth = 0
+    for char in brackets:
+        depth += 1 if char in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
 
 
 class FrameBuffer:

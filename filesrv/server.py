@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import signal
 import socket
 import socketserver
@@ -84,10 +85,55 @@ def _is_tls_error(exc: OSError) -> bool:
     return isinstance(exc, ssl.SSLError)
 
 
+# Anything a client sent may reach the log: these never reach it raw, so a request can never
+# end a line and forge one of its own (C0 and C1 controls, DEL, line and paragraph
+# separators, bidirectional overrides).
+_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_LOG_FD = 2
+_unwritten_lines = 0  # log lines this process could not write (each process its own count)
+
+
+def _escape(text: str) -> str:
+    return _UNPRINTABLE_RE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 def log(message: str) -> None:
-    # one write per line: lines from concurrent children never interleave
-    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
-    sys.stderr.flush()
+    """Write one line to stderr, control characters escaped; never raises.
+
+    The service never depends on its log: a line that cannot be written (the reader of a
+    log pipe went away, the log's disk is full, EIO) is dropped and counted, and the count
+    is reported by the next line that can be written.
+    """
+    global _unwritten_lines
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    line = f"{stamp} {_escape(message)}\n"
+    if _unwritten_lines:
+        line = f"{stamp} ({_unwritten_lines} earlier log line(s) could not be written)\n" + line
+    try:
+        _write_all(line.encode("utf-8", "backslashreplace"))
+    except OSError:
+        _unwritten_lines += 1
+    else:
+        _unwritten_lines = 0
+
+
+def _write_all(data: bytes) -> None:
+    # straight to the descriptor, one write per line where the OS allows: lines from
+    # concurrent children never interleave, and nothing stays buffered after a failure
+    view = memoryview(data)
+    while view:
+        written = os.write(_LOG_FD, view)
+        if not written:
+            raise OSError("the log accepts no bytes")
+        view = view[written:]
+
+
+def _describe(exc: BaseException) -> str:
+    """An unexpected exception in one line: its repr and where it was raised."""
+    import traceback  # only on the path of a bug
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}: {str(exc)[:200]}{where}"
 
 
 class _CloseConnection(Exception):
@@ -111,11 +157,15 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         self.request.settimeout(self.options.idle_timeout)
 
     def handle(self) -> None:
+        """The connection's life. Whatever ends it, from any frame in any phase, is
+        mapped to one log line and at most one error reply by `_outcome`, never a traceback."""
+        self.phase = "handshake"
         try:
             with _Deadline(self.options.handshake_timeout):
                 self._start_tls()
                 self.channel = Channel(self.request)
                 self._handshake()
+            self.phase = "connection"
             while True:
                 try:
                     header = self.channel.read_header()
@@ -125,20 +175,32 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 if self.server.draining:
                     return
         except (_CloseConnection, PeerClosed):
-            pass
-        except BadRequest as exc:  # torn or oversized frame: we cannot resync
-            self._log("frame", "-", 0, 0.0, exc.code)
-            self._send_error(exc)
-        except _HandshakeTimeout:
-            self._log("handshake", "-", 0, 0.0, "timeout")
-        except TimeoutError:
-            self._log("idle", "-", 0, 0.0, "timeout")
-        except OSError as exc:
+            pass  # reported already, or a client that left between frames
+        except Exception as exc:
+            result, error = self._outcome(exc)
+            self._log(self.phase, "-", 0, 0.0, result)
+            if error is not None:
+                self._send_error(error)
+
+    def _outcome(self, exc: Exception) -> tuple[str, FilesrvError | None]:
+        """How an exception that ends a command or a connection is logged, and the error
+        reply the client gets (None: it cannot or need not be told)."""
+        if isinstance(exc, _CloseConnection):
+            return str(exc) or "closed", None
+        if isinstance(exc, PeerClosed):
+            return "client closed the connection", None
+        if isinstance(exc, FilesrvError):  # e.g. a torn or oversized frame: bad_request
+            return exc.code, exc
+        if isinstance(exc, _HandshakeTimeout):
+            return str(exc), None
+        if isinstance(exc, TimeoutError):
+            return "timeout", None
+        if isinstance(exc, OSError):
             if self.options.tls is not None and _is_tls_error(exc):
-                why = getattr(exc, "reason", None) or exc
-                self._log("tls", "-", 0, 0.0, f"handshake failed: {why}")
-            else:
-                self._log("connection", "-", 0, 0.0, f"io: {exc.strerror or exc}")
+                return f"tls handshake failed: {getattr(exc, 'reason', None) or exc}", None
+            return f"io: {exc.strerror or exc}", None
+        # a bug (RecursionError, TypeError...): report it, keep the daemon, drop the connection
+        return f"internal: {_describe(exc)}", ServerError("internal server error")
 
     def finish(self) -> None:
         if self.options.tls is not None:  # the TLS wrapper is a second socket object
@@ -151,9 +213,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _handshake(self) -> None:
         nonce = os.urandom(32).hex() if self.options.tokens else None
         self.channel.send_header(greeting(f"filesrv/{__version__}", nonce))
-        request = parse_request(self.channel.read_header())
-        if not isinstance(request, Hello):
+        header = self.channel.read_header()
+        if header.get("op") != Hello.op:  # before parsing: any other frame is bad_request
             raise BadRequest("the first request must be hello")
+        request = parse_request(header)
         try:
             check_version(request)
         except FilesrvError as exc:
@@ -165,7 +228,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self._authenticate(nonce)
 
     def _authenticate(self, nonce: str) -> None:
-        request = parse_request(self.channel.read_header())
+        header = self.channel.read_header()
+        # any other frame in place of auth is a missing auth (PROTOCOL.md §2.3), unparsed
+        request = parse_request(header) if header.get("op") == Auth.op else None
         proof = request.proof if isinstance(request, Auth) else None
         if proof_matches(list(self.options.tokens), nonce, proof):
             self.channel.send_header(ok_reply())
@@ -193,23 +258,14 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             if handler is None:
                 raise BadRequest(f"{request.op!r} is not valid here")
             handler(self, request)
-        except _CloseConnection as exc:
-            done(str(exc) or "closed")
-            raise
-        except FilesrvError as exc:  # refused cleanly: the connection stays in sync
-            done(exc.code)
-            self._send_error(exc)
-            return
-        except PeerClosed:
-            done("client closed the connection")
+        except Exception as exc:
+            result, error = self._outcome(exc)
+            done(result)
+            if error is not None:
+                self._send_error(error)
+            if isinstance(exc, FilesrvError):
+                return  # refused cleanly: the connection stays in sync
             raise _CloseConnection() from None
-        except OSError as exc:  # the connection broke or went idle mid-command
-            done("timeout" if isinstance(exc, TimeoutError) else f"io: {exc}")
-            raise _CloseConnection() from None
-        except Exception as exc:  # a bug: report it, keep the daemon, drop this connection
-            done(f"internal: {exc!r}")
-            self._send_error(ServerError("internal server error"))
-            raise _CloseConnection() from exc
         finally:
             self.server.in_command = False
         done("ok")
@@ -478,7 +534,7 @@ class _Deadline:
 
     @staticmethod
     def expired(signum: int, frame: Any) -> None:
-        raise _HandshakeTimeout("handshake deadline")
+        raise _HandshakeTimeout("timeout")
 
 
 class FilesrvServer(socketserver.ForkingTCPServer):
@@ -576,10 +632,11 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         return _Abortable(self)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        # one log line, never a traceback on stderr (socketserver's default prints one)
         exc = sys.exc_info()[1]
-        if isinstance(exc, (Superseded, _CloseConnection)):
+        if exc is None or isinstance(exc, (Superseded, _CloseConnection)):
             return  # already reported by the handler
-        super().handle_error(request, client_address)
+        log(f"{_format_address(client_address)} connection - internal: {_describe(exc)}")
 
     # -- stopping
 
