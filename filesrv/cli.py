@@ -217,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="BYTES", help="receive and hash buffer (default: 1M)")
     serve.add_argument("--max-children", type=positive_int, default=64, metavar="N",
                        help="connections served at once; beyond it a client gets 'busy' at "
-                       "once (default: 64)")
+                       "once. Connections still in their handshake (not yet authenticated) "
+                       "hold at most half of them; beyond that the oldest is dropped "
+                       "(default: 64)")
     serve.add_argument("--idle-timeout", type=positive_float, default=300.0,
                        metavar="SECONDS", help="close a connection silent for this long "
                        "(default: 300)")

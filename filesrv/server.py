@@ -10,6 +10,7 @@ import re
 import signal
 import socket
 import socketserver
+import struct
 import sys
 import threading
 import time
@@ -223,9 +224,17 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             self._log("hello", "-", 0, 0.0, exc.code)
             self._send_error(exc)
             raise _CloseConnection() from None
+        if nonce is None:
+            self._handshake_succeeded()
         self.channel.send_header(greeting(f"filesrv/{__version__}", None))
         if nonce is not None:
             self._authenticate(nonce)
+
+    def _handshake_succeeded(self) -> None:
+        # before the reply that tells the client so: once it holds that reply, the
+        # parent can already count this connection as authenticated
+        _Deadline.end()
+        self.server.report_authenticated()
 
     def _authenticate(self, nonce: str) -> None:
         header = self.channel.read_header()
@@ -233,6 +242,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         request = parse_request(header) if header.get("op") == Auth.op else None
         proof = request.proof if isinstance(request, Auth) else None
         if proof_matches(list(self.options.tokens), nonce, proof):
+            self._handshake_succeeded()
             self.channel.send_header(ok_reply())
             return
         why = "wrong token" if proof else "no token"
@@ -520,20 +530,38 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
 
 class _Deadline:
-    """A hard limit on a phase of a child's life (SIGALRM: the child has one thread)."""
+    """A hard limit on the handshake of a child (SIGALRM: the child has one thread).
+
+    The same signal, sent by the parent before the timer runs out, drops a connection
+    that has not authenticated yet to make room for a newer one (FilesrvServer._make_room);
+    once the handshake has succeeded, the signal does nothing.
+    """
+
+    armed = False  # per process: only a child in its handshake is ever armed
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
 
     def __enter__(self) -> None:
         # the SIGALRM handler (expired) is installed once, in the parent, before any fork
+        _Deadline.armed = True
         signal.setitimer(signal.ITIMER_REAL, self.seconds)
 
     def __exit__(self, *exc: Any) -> None:
+        self.end()
+
+    @staticmethod
+    def end() -> None:
+        _Deadline.armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     @staticmethod
     def expired(signum: int, frame: Any) -> None:
+        if not _Deadline.armed:
+            return  # past the handshake (or the parent): nothing to cut short
+        if signal.getitimer(signal.ITIMER_REAL)[0] > 0:  # time was left: the parent's doing
+            raise _HandshakeTimeout("dropped: the oldest of too many unauthenticated "
+                                    "connections")
         raise _HandshakeTimeout("timeout")
 
 
@@ -550,6 +578,15 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         self.options = options
         self.max_children = options.max_children
         self.active_children: set[int] = set()
+        # Children that have not authenticated yet, oldest first, and those among them
+        # told to go. A child reports its authentication through a pipe (its pid, one
+        # atomic write); a child that dies is forgotten when it is reaped, so nothing leaks.
+        self.unauthenticated: dict[int, None] = {}
+        self.dropping: set[int] = set()
+        self.unauthenticated_limit = max(1, options.max_children // 2)
+        self._authenticated_r, self._authenticated_w = os.pipe()
+        os.set_blocking(self._authenticated_r, False)
+        os.set_blocking(self._authenticated_w, False)  # a child never waits on the parent
         self.hurry = threading.Event()  # a second stop signal: skip the grace period
         self._last_sweep = 0.0
         # per-child state (each child has its own copy after fork)
@@ -575,6 +612,30 @@ class FilesrvServer(socketserver.ForkingTCPServer):
                 done = pid
             if done:
                 self.active_children.discard(pid)
+                self.unauthenticated.pop(pid, None)
+                self.dropping.discard(pid)
+        # After reaping: a report from a child reaped just now is read (and ignored) here,
+        # before its pid can be given to a new child.
+        self._read_authenticated()
+
+    def _read_authenticated(self) -> None:
+        while True:
+            try:
+                reports = os.read(self._authenticated_r, 4096)
+            except BlockingIOError:
+                return
+            if not reports:
+                return
+            for (pid,) in struct.iter_unpack("=i", reports):  # 4-byte writes: whole
+                self.unauthenticated.pop(pid, None)
+                self.dropping.discard(pid)
+
+    def report_authenticated(self) -> None:
+        """In a child: tell the parent this connection is past its handshake."""
+        try:
+            os.write(self._authenticated_w, struct.pack("=i", os.getpid()))
+        except OSError:
+            pass  # pipe full (the parent is far behind): counted as unauthenticated
 
     def service_actions(self) -> None:
         self.collect_children()
@@ -588,10 +649,37 @@ class FilesrvServer(socketserver.ForkingTCPServer):
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         self.collect_children()
-        if len(self.active_children) >= self.max_children:
+        if not self._make_room():
             self._refuse_busy(request, client_address)
             return
+        before = set(self.active_children)
         super().process_request(request, client_address)
+        for pid in self.active_children - before:  # the child just forked
+            self.unauthenticated[pid] = None
+
+    def _make_room(self) -> bool:
+        """Whether a new connection may have a child; False when every slot holds an
+        authenticated connection.
+
+        Connections that have not authenticated yet hold at most half of the slots
+        (`unauthenticated_limit`). At that bound, or when every slot is taken, the oldest
+        of them is dropped to make room: a client that has the token needs only a few
+        round trips to authenticate, while silent sockets would otherwise hold their
+        slots for the whole handshake timeout.
+        """
+        waiting = [pid for pid in self.unauthenticated if pid not in self.dropping]
+        in_use = len(self.active_children) - len(self.dropping)
+        if in_use < self.max_children and len(waiting) < self.unauthenticated_limit:
+            return True
+        if not waiting:
+            return False
+        oldest = waiting[0]
+        self.dropping.add(oldest)  # its slot counts as free from now on
+        try:
+            os.kill(oldest, signal.SIGALRM)  # its handshake ends (see _Deadline)
+        except ProcessLookupError:
+            pass
+        return True
 
     def _refuse_busy(self, request: socket.socket, client_address: Any) -> None:
         # With TLS an error message would need a handshake, which must not run in the
@@ -615,6 +703,11 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         self.is_child = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Only the parent listens: a child holding the socket would keep the port bound
+        # after the parent dies (a restart fails, new clients queue for nobody) and keep
+        # it open while the parent drains (new clients hang instead of being refused).
+        self.socket.close()
+        os.close(self._authenticated_r)
         super().finish_request(request, client_address)
 
     def _on_takeover(self, signum: int, frame: Any) -> None:
@@ -692,10 +785,33 @@ def _format_address(address: Any) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _open_root(root: str, options: ServerOptions) -> Storage:
+    """The served root, or a ConfigError that says why it cannot be served."""
+    try:
+        return Storage(root, buffer_size=options.buffer_size)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(f"cannot serve {root}: it (or a directory above it) is not a "
+                          "directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot serve {root}: {exc.strerror or exc}") from None
+
+
+def _listen(host: str, port: int, storage: Storage, options: ServerOptions) -> FilesrvServer:
+    """The bound, listening server, or a ConfigError (port in use or out of range, a host
+    that does not resolve or is not this machine's)."""
+    try:
+        return FilesrvServer((host, port), storage, options)
+    except OverflowError:  # from bind(): the port is outside 0-65535
+        raise ConfigError(f"cannot listen on port {port}: a port is 0 to 65535") from None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ConfigError(f"cannot listen on {_format_address((host, port))}: {why}") from None
+
+
 def serve(root: str, host: str, port: int, options: ServerOptions = ServerOptions()) -> int:
     """Run the daemon in the foreground until SIGTERM or SIGINT; returns the exit status."""
-    storage = Storage(root, buffer_size=options.buffer_size)
-    server = FilesrvServer((host, port), storage, options)
+    storage = _open_root(root, options)
+    server = _listen(host, port, storage, options)
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
