@@ -9,9 +9,6 @@
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import random
@@ -34,20 +31,18 @@ from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_ID
                        parse_get_reply, parse_hello_reply, parse_list_reply,
                        parse_need_reply, parse_path, parse_placed_reply, parse_put_reply,
                        parse_removed_reply, parse_stat_reply)
-from .durability import Writeback, flush_filesystem
 from .hashing import hash_fd_range
+from .local import (LocalPartial, StreamSink, existing_file, file_digest, free_bytes,
+                    make_local_dir, no_local_space, place_and_close, place_together,
+                    placement_target, writes_through)
+from .sources import (LocalSource, TreePlan, file_version, is_settled, plan_local_tree,
+                      source_tag)
 from .transport import Channel, PeerClosed, TornFrame
 
 DEFAULT_PORT = 8750
 DEFAULT_BUFFER_SIZE = 1024 * 1024
 DEFAULT_TIMEOUT = 60.0
 RETRIES = 5               # reconnect-and-resume attempts after a connection is cut
-PARTIAL_SUFFIX = ".filesrv-part"
-NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, tmpfs)
-# what a partial's longest companion adds to its destination's name: "." + ".json.tmp"
-_PARTIAL_EXTRA_BYTES = len(f".{PARTIAL_SUFFIX}.json.tmp")
-# a shortened partial name: "." + prefix + "~" + 32 hex digits + suffix + ".json.tmp"
-_PARTIAL_PREFIX_BYTES = NAME_MAX - _PARTIAL_EXTRA_BYTES - 33
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 # Trees: files up to BATCH_FILE_MAX travel many to an exchange (put_files/get_files), in
@@ -69,18 +64,6 @@ REPLACE = "replace"        # the default: the new copy replaces the old one, ato
 NO_CLOBBER = "no-clobber"  # an existing destination is left alone
 UPDATE = "update"          # transfer only when the destination's digest differs
 
-
-def _file_digest(path: str) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LocalError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        hasher = xxhash.xxh3_128()
-        hash_fd_range(fd, 0, os.fstat(fd).st_size, hasher, bytearray(1024 * 1024))
-        return hasher.hexdigest()
-    finally:
-        os.close(fd)
 
 # progress(done, total): bytes of the file present so far (resumed bytes included)
 Progress = Callable[[int, int], None]
@@ -246,11 +229,6 @@ def read_token_file(path: str) -> bytes:
     except OSError as exc:
         raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
     raise ConfigError(f"token file {path} holds no token")
-
-
-def source_tag(st: os.stat_result) -> str:
-    """Names this version of a local file, so a changed file never resumes an old partial."""
-    return f"{st.st_dev:x}-{st.st_ino:x}-{st.st_mtime_ns:x}"
 
 
 class RateLimiter:
@@ -659,10 +637,10 @@ class Client:
         """
         parse_path(remote)
         clock = _Clock(self, progress)
-        if _writes_through(local):
+        if writes_through(local):
             return self._get_through(remote, local, clock)
         if overwrite != REPLACE and os.path.isfile(local):
-            local_digest = _file_digest(local)
+            local_digest = file_digest(local)
             if overwrite == NO_CLOBBER or local_digest == self.hash(remote):
                 return TransferResult(normalize_path(remote), os.path.getsize(local), 0,
                                       local_digest, time.monotonic() - clock.started, True)
@@ -687,7 +665,7 @@ class Client:
         """Download `remote` into the character device or FIFO `local`, written in order
         (nothing is replaced). A cut resumes after the bytes written, from the same
         version of the file only: bytes written cannot be taken back."""
-        sink = _StreamSink(local)
+        sink = StreamSink(local)
         try:
             size, digest = self._retrying(clock.attempt(
                 lambda: self._stream_once(remote, sink, clock)))
@@ -695,7 +673,7 @@ class Client:
             sink.close()
         return clock.result(normalize_path(remote), size, 0, digest)
 
-    def _stream_once(self, remote: str, sink: "_StreamSink", progress: Progress | None
+    def _stream_once(self, remote: str, sink: "StreamSink", progress: Progress | None
                      ) -> tuple[int, str]:
         self._request(Get(path=remote, offset=sink.written, if_match=sink.etag).frame())
         reply = self._reply(parse_get_reply)
@@ -743,7 +721,7 @@ class Client:
         partial.reset()
         return False
 
-    def _receive_body(self, partial: "LocalPartial | _StreamSink", offset: int, length: int,
+    def _receive_body(self, partial: "LocalPartial | StreamSink", offset: int, length: int,
                       size: int,
                       hasher: "xxhash.xxh3_128", progress: Progress | None,
                       limiter: RateLimiter | None) -> None:
@@ -753,10 +731,10 @@ class Client:
         position = offset
         end = offset + length
         if isinstance(partial, LocalPartial):  # a file, not a device or FIFO written through
-            free = _free_bytes(partial.folder)
+            free = free_bytes(partial.folder)
             if free is not None and length > free:  # fail before the first byte, not the last
                 self.close()  # the body stays unread
-                raise _no_local_space(partial, length, free, offset)
+                raise no_local_space(partial, length, free, offset)
         if progress:
             progress(position, size)
         while position < end:
@@ -774,8 +752,8 @@ class Client:
             except LocalNoSpace:  # the space went while we wrote (another writer)
                 self.close()
                 assert isinstance(partial, LocalPartial)  # only its writes say LocalNoSpace
-                raise _no_local_space(partial, end - position,
-                                      _free_bytes(partial.folder) or 0, position) from None
+                raise no_local_space(partial, end - position,
+                                     free_bytes(partial.folder) or 0, position) from None
             hasher.update(chunk)
             position += got
             limiter.consume(got)
@@ -805,7 +783,7 @@ class Client:
                 if existing is not None and existing.type == "dir":  # not a file to keep
                     raise IsADirectory(f"{remote!r} is a directory")
                 if existing is not None and (overwrite == NO_CLOBBER or existing.xxh128 ==
-                                             _file_digest(local)):
+                                             file_digest(local)):
                     return TransferResult(normalize_path(remote), existing.size, 0,
                                           existing.xxh128 or "",
                                           time.monotonic() - clock.started, True)
@@ -815,13 +793,13 @@ class Client:
         return clock.result(normalize_path(remote), source.st.st_size, resumed_from, digest)
 
     def _put_one_version(self, fd: int, local: str, remote: str, clock: "_Clock"
-                         ) -> tuple["_LocalSource", int, str]:
+                         ) -> tuple["LocalSource", int, str]:
         """Upload one consistent version of the open file: (that version, resumed_from,
         digest). A change seen while it was read starts the upload over once, from the
         new version; a second one is SourceChanged. The server's name is never given to
         bytes from two versions."""
         for restarts_left in (1, 0):
-            source = _LocalSource.now(fd)
+            source = LocalSource.now(fd)
             try:
                 return (source, *self._put_version(source, remote, clock))
             except SourceChanged:
@@ -831,7 +809,7 @@ class Client:
                                         "left as it was") from None
         raise AssertionError("unreachable")
 
-    def _put_version(self, source: "_LocalSource", remote: str, clock: "_Clock"
+    def _put_version(self, source: "LocalSource", remote: str, clock: "_Clock"
                      ) -> tuple[int, str]:
         outcome = self._retrying(clock.attempt(lambda: self._put_once(source, remote, clock)))
         if outcome is None:
@@ -842,7 +820,7 @@ class Client:
             raise IntegrityError(f"{remote}: the server's digest did not match twice")
         return outcome
 
-    def _put_once(self, source: "_LocalSource", remote: str,
+    def _put_once(self, source: "LocalSource", remote: str,
                   progress: Progress | None) -> tuple[int, str] | None:
         """One attempt: (resumed_from, digest), or None if a resumed attempt did not verify."""
         fd, size = source.fd, source.st.st_size
@@ -1013,14 +991,14 @@ class Client:
                 parse_path(entry.name)
             except FilesrvError:
                 raise ProtocolError(f"server listed an unsafe name {entry.name!r}") from None
-        _make_local_dir(local_dir)
+        make_local_dir(local_dir)
         results, done = _tree_report(progress, on_file)
 
         small = []
         for entry in entries:
             local = os.path.join(local_dir, *entry.name.split("/"))
             if entry.type == "dir":
-                _make_local_dir(local)
+                make_local_dir(local)
             elif entry.size <= BATCH_FILE_MAX:
                 small.append((_join(base, entry.name), local, entry.size))
         per_batch = DURABLE_BATCH_FILES if self.durable else MAX_BATCH_FILES
@@ -1040,7 +1018,7 @@ class Client:
             if entry.type == "dir" or entry.size <= BATCH_FILE_MAX:
                 continue
             local = os.path.join(local_dir, *entry.name.split("/"))
-            _placement_target(local)  # a device or FIFO in the way: refused, as for small files
+            placement_target(local)  # a device or FIFO in the way: refused, as for small files
             policy = overwrite
             if os.path.isfile(local) and os.path.getsize(local) == entry.size:
                 policy = UPDATE if overwrite == REPLACE else overwrite
@@ -1098,7 +1076,7 @@ class Client:
                 if self.durable:
                     held.append(partial)
                 else:
-                    _place_and_close(partial)
+                    place_and_close(partial)
                 out.append(TransferResult(normalize_path(remote), reply.size, 0, reply.xxh128,
                                           time.monotonic() - started))
         except FilesrvError as exc:
@@ -1108,7 +1086,7 @@ class Client:
             if isinstance(exc, ConnectionFailed) or exc.message.startswith(remote):
                 raise
             raise type(exc)(f"{remote}: {exc.message}") from None
-        _place_together(held)
+        place_together(held)
         return out
 
     def _store_received(self, remote: str, local: str, size: int, digest: str,
@@ -1153,7 +1131,7 @@ def _plan_get_batch(batch: list[tuple[str, str, int]], overwrite: str) -> _GetPl
     kept: list[TransferResult | None] = []
     wanted: list[tuple[str, str, str | None]] = []
     for remote, local, _ in batch:
-        existing = _existing_file(local)
+        existing = existing_file(local)
         if existing is not None and overwrite == NO_CLOBBER:
             size, digest = existing
             kept.append(TransferResult(normalize_path(remote), size, 0, digest, 0.0, True))
@@ -1162,115 +1140,6 @@ def _plan_get_batch(batch: list[tuple[str, str, int]], overwrite: str) -> _GetPl
         wanted.append((remote, local, None if existing is None else existing[1]))
     request = GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]).frame()
     return _GetPlan(kept, wanted, request)
-
-
-class TreePlan(NamedTuple):
-    """A local tree to upload: relative directories, (relative file, size), skipped links,
-    and names skipped because they are not valid UTF-8 (shown with \\x escapes)."""
-
-    dirs: list[str]
-    files: list[tuple[str, int]]
-    skipped_links: list[str]
-    skipped_names: tuple[str, ...] = ()
-
-
-def plan_local_tree(local_dir: str) -> TreePlan:
-    """Walk a local tree without following symlinks; paths relative, '/'-separated.
-
-    Names the protocol cannot carry (not UTF-8) are skipped, and a directory so named
-    with all it holds; a directory that cannot be read is an error, never a silent gap.
-    """
-    if not os.path.isdir(local_dir):
-        raise LocalError(f"{local_dir} is not a directory" if os.path.lexists(local_dir)
-                         else f"no such local directory {local_dir}")
-    dirs, files, links, unnamed = [], [], [], []
-    for top, subdirs, names in os.walk(local_dir, followlinks=False, onerror=_unreadable):
-        rel_top = os.path.relpath(top, local_dir)
-        prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
-        for d in sorted(subdirs):
-            if not _is_utf8(d):
-                unnamed.append(_shown(prefix + d))
-                subdirs.remove(d)  # os.walk then leaves it out
-            elif os.path.islink(os.path.join(top, d)):
-                links.append(prefix + d)
-            else:
-                dirs.append(prefix + d)
-        for name in sorted(names):
-            path = os.path.join(top, name)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:  # gone since the directory was read
-                continue
-            except OSError as exc:
-                raise LocalError(f"cannot read {_shown(path)}: {exc.strerror}") from None
-            if not _is_utf8(name) and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
-                unnamed.append(_shown(prefix + name))
-            elif stat.S_ISREG(st.st_mode):
-                files.append((prefix + name, st.st_size))
-            elif stat.S_ISLNK(st.st_mode):
-                links.append(prefix + name)
-    return TreePlan(dirs, files, links, tuple(unnamed))
-
-
-def _free_bytes(folder: str) -> int | None:
-    """Bytes this process may still write on the filesystem of `folder` (root may use
-    the blocks reserved for it), or None when the filesystem does not say."""
-    try:
-        st = os.statvfs(folder)
-    except OSError:
-        return None
-    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
-
-
-def _no_local_space(partial: "LocalPartial", needed: int, free: int, held: int
-                    ) -> LocalNoSpace:
-    """The message for a download that does not fit: the numbers, and what is kept."""
-    if held and os.path.exists(partial.meta_path):
-        kept = (f"the {_bytes(held)} received are kept in {_shown(partial.path)}: free some "
-                "space and run the same command again to resume")
-    else:
-        partial.truncate(0)  # not resumable (no record of its version): not worth its space
-        kept = "nothing is kept: free some space and run the same command again"
-    return LocalNoSpace(f"no space left for {_shown(partial.destination)}: {_bytes(needed)} "
-                        f"more needed, {_bytes(free)} free in {_shown(partial.folder)}; {kept}")
-
-
-def _bytes(n: int) -> str:
-    """'3.0 MiB (3145728 bytes)': readable, and exact."""
-    size, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            break
-        size /= 1024
-    return f"{n} bytes" if unit == "B" else f"{size:.1f} {unit} ({n} bytes)"
-
-
-def _make_local_dir(path: str) -> None:
-    """mkdir -p for a download; a file in the way or a refusal is a LocalError."""
-    try:
-        os.makedirs(path, exist_ok=True)
-    except FileExistsError:
-        raise LocalError(f"{_shown(path)} exists and is not a directory") from None
-    except OSError as exc:
-        raise LocalError(f"cannot create directory {_shown(path)}: {exc.strerror}") from None
-
-
-def _unreadable(exc: OSError) -> None:
-    raise LocalError(f"cannot read {_shown(exc.filename or '')}: {exc.strerror}")
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name whose bytes are not UTF-8 (os.fsdecode kept them as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _shown(path: str) -> str:
-    """A local path for a message, undecodable bytes as \\xNN."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def _server_failure(exc: BaseException) -> BaseException:
@@ -1378,34 +1247,6 @@ class _InThread:
         return value
 
 
-def _place_and_close(partial: "LocalPartial") -> None:
-    try:
-        partial.place()
-    finally:
-        partial.close()
-
-
-def _place_together(partials: list["LocalPartial"]) -> None:
-    """Flush the partials' bytes at once, rename them all, flush the renames at once."""
-    try:
-        if partials:
-            try:
-                # one fd per filesystem the tree spans (a subdirectory may be a mount)
-                filesystems = {os.fstat(p.fd).st_dev: p.fd for p in partials}.values()
-                for fd in filesystems:
-                    flush_filesystem(fd)
-                for partial in partials:
-                    partial.place()
-                for fd in filesystems:
-                    flush_filesystem(fd)
-            except OSError as exc:
-                raise LocalError(f"cannot flush the downloaded files: {exc.strerror}"
-                                 ) from None
-    finally:
-        for partial in partials:
-            partial.close()
-
-
 def _read_small_file(path: str) -> bytes:
     """The bytes of one version of a small file. A file that changed while it was read
     is read once more; one that changed within SETTLE_NS is read twice and compared
@@ -1416,12 +1257,12 @@ def _read_small_file(path: str) -> bytes:
             raise SourceChanged(f"source changed during transfer: {path} grew past "
                                 f"{BATCH_FILE_MAX} bytes after the tree was listed; run "
                                 "the command again")
-        if _version(before) != _version(after) or len(body) != after.st_size:
+        if file_version(before) != file_version(after) or len(body) != after.st_size:
             continue
-        if _settled(before):
+        if is_settled(before):
             return body
         again, _, last = _read_with_stats(path)
-        if again == body and _version(last) == _version(before):
+        if again == body and file_version(last) == file_version(before):
             return body
     raise SourceChanged(f"source changed during transfer: {path} was modified while it "
                         "was read, twice; it was not sent")
@@ -1438,282 +1279,7 @@ def _read_with_stats(path: str) -> tuple[bytes, os.stat_result, os.stat_result]:
         raise LocalError(f"cannot read {path}: {exc.strerror}") from None
 
 
-# A file changed this recently may have a write in flight: a write sets mtime and ctime
-# when it begins, so one that began before our first fstat and ends during our read
-# shows nothing new in the second. Such a file is read (hashed) twice and compared.
-SETTLE_NS = 1_000_000_000
-
-
-def _version(st: os.stat_result) -> tuple[int, ...]:
-    """What differs once a file's content may have changed: identity, size, times."""
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def _settled(st: os.stat_result) -> bool:
-    """Whether the file's last change is older than SETTLE_NS (a clock skewed into the
-    future counts as recent)."""
-    return time.time_ns() - st.st_ctime_ns >= SETTLE_NS
-
-
-class _LocalSource(NamedTuple):
-    """One version of a local file being uploaded: its descriptor and fstat then."""
-
-    fd: int
-    st: os.stat_result
-    settled: bool  # no write to it can plausibly still be in flight
-
-    @classmethod
-    def now(cls, fd: int) -> "_LocalSource":
-        st = os.fstat(fd)
-        return cls(fd, st, _settled(st))
-
-    def check_unchanged(self, digest: str, buffer: bytearray) -> None:
-        """SourceChanged unless the file is still the version read as `digest`."""
-        if _version(os.fstat(self.fd)) != _version(self.st):
-            raise SourceChanged("the local file changed while it was read")
-        if self.settled:
-            return
-        hasher = xxhash.xxh3_128()  # recently changed: what is there now must match
-        try:
-            hash_fd_range(self.fd, 0, self.st.st_size, hasher, buffer)
-        except FilesrvError:
-            raise SourceChanged("the local file shrank") from None
-        if hasher.hexdigest() != digest or _version(os.fstat(self.fd)) != _version(self.st):
-            raise SourceChanged("the local file changed while it was read")
-
-
-def _existing_file(path: str) -> tuple[int, str] | None:
-    """(size, XXH3-128) of a local regular file, or None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return st.st_size, _file_digest(path)
-
-
 def _join(base: str, rel: str) -> str:
     return f"{base}/{rel}" if base else rel
 
 
-def partial_name(name: str) -> str:
-    """The partial's file name for destination `name`: `.NAME.filesrv-part`, shortened
-    when that (or its `.json.tmp` companion) would exceed NAME_MAX.
-
-    A shortened name keeps a readable prefix of NAME and adds a digest of the whole
-    NAME, so it is the same on every run (resume finds it) and differs between names.
-    """
-    encoded = os.fsencode(name)
-    if len(encoded) + _PARTIAL_EXTRA_BYTES <= NAME_MAX:
-        return f".{name}{PARTIAL_SUFFIX}"
-    digest = hashlib.sha256(encoded).hexdigest()[:32]
-    cut = _PARTIAL_PREFIX_BYTES
-    while cut and encoded[cut] & 0xC0 == 0x80:  # not inside a UTF-8 character
-        cut -= 1
-    return f".{os.fsdecode(encoded[:cut])}~{digest}{PARTIAL_SUFFIX}"
-
-
-def _writes_through(local: str) -> bool:
-    """Whether a download to `local` is written through in order: a character device
-    or FIFO is there (as cp and curl write to them). A socket or block device there is
-    refused; neither is ever replaced."""
-    try:
-        st = os.stat(local)
-    except OSError:
-        return False
-    if stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode):
-        return True
-    if stat.S_ISSOCK(st.st_mode) or stat.S_ISBLK(st.st_mode):
-        raise LocalError(f"{local} is a {_file_kind(st)}: a download goes to a file, a "
-                         "character device or a FIFO")
-    return False
-
-
-def _file_kind(st: os.stat_result) -> str:
-    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
-                       (stat.S_ISSOCK, "socket")):
-        if test(st.st_mode):
-            return kind
-    return "special file"
-
-
-def _placement_target(destination: str) -> str:
-    """The file a download to `destination` replaces: the path itself or, for a symlink,
-    the file it points to (written through, as cp does; the link stays). Anything there
-    but a regular file is refused, never replaced."""
-    if os.path.islink(destination):
-        target = os.path.realpath(destination)
-        if not os.path.lexists(target):
-            raise LocalError(f"{destination} is a dangling symlink; not writing through it")
-        destination = target
-    try:
-        st = os.stat(destination)
-    except FileNotFoundError:
-        return destination
-    except OSError as exc:
-        raise LocalError(f"cannot write {destination}: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise LocalError(f"{destination} is a {_file_kind(st)}, not a regular file; it is "
-                         "not replaced")
-    return destination
-
-
-class _StreamSink:
-    """A character device or FIFO that a download is written through to, in order."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.written = 0
-        self.hasher = xxhash.xxh3_128()  # of the bytes written so far
-        self.etag: str | None = None  # the version they come from
-        try:  # a FIFO blocks here until it has a reader, as with cp
-            self.fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY)
-        except OSError as exc:
-            raise LocalError(f"cannot write {path}: {exc.strerror}") from None
-
-    def write(self, data: memoryview, position: int) -> None:
-        try:
-            done = 0
-            while done < len(data):
-                done += os.write(self.fd, data[done:])
-        except OSError as exc:
-            raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
-        self.written = position + len(data)
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-class LocalPartial:
-    """The client's partial download beside its destination, locked while in use.
-
-    `.NAME.filesrv-part` holds the bytes; `.NAME.filesrv-part.json` remembers
-    which remote file version (etag) they came from, the resume precondition.
-    For names too long for that, see partial_name().
-    """
-
-    def __init__(self, destination: str, durable: bool = True) -> None:
-        given, destination = destination, _placement_target(destination)
-        self.destination = destination
-        self.durable = durable
-        folder, name = os.path.split(os.path.abspath(destination))
-        self.folder = folder
-        self.path = os.path.join(folder, partial_name(name))
-        self.meta_path = self.path + ".json"
-        # never through a link planted at the partial's name
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:
-            try:
-                self.fd = os.open(self.path, flags | os.O_EXCL, 0o644)
-                created = True
-            except FileExistsError:  # left by an interrupted get: maybe resumable
-                self.fd = os.open(self.path, flags, 0o644)
-                created = False
-        except OSError as exc:  # named as the user gave it, not as our hidden partial
-            folder_given = os.path.dirname(given) or "."
-            if isinstance(exc, FileNotFoundError):
-                raise LocalError(f"no such local directory {folder_given}") from None
-            raise LocalError(f"cannot write into {folder_given}: {exc.strerror}") from None
-        # what a partial we created ourselves cannot have: bytes, a .json beside it.
-        # Knowing it spares a batch of small files a few system calls each.
-        self._empty = created
-        self._may_have_meta = not created
-        self._placed = False
-        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
-            os.close(self.fd)
-            raise LocalError(f"{self.path} is not a regular file; remove it to download "
-                             f"{given}")
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self.fd)
-            raise Busy(f"another filesrv process is downloading to {destination}") from None
-        self.writeback = Writeback(self.fd)
-
-    def resume_point(self, remote: str) -> tuple[int, str | None]:
-        """(offset, etag) to resume from, or (0, None) when nothing usable is there."""
-        self._may_have_meta = True  # even beside a new partial, an orphan is cleared
-        size = os.fstat(self.fd).st_size
-        try:
-            with open(self.meta_path, encoding="utf-8") as fh:
-                meta = json.load(fh)
-            if meta["remote"] == normalize_path(remote) and 0 < size <= meta["size"]:
-                return size, str(meta["etag"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        self.truncate(0)
-        return 0, None
-
-    def remember(self, remote: str, etag: str, size: int) -> None:
-        record = {"remote": normalize_path(remote), "etag": etag, "size": size}
-        self._may_have_meta = True
-        tmp = self.meta_path + ".tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(record, fh)
-            os.replace(tmp, self.meta_path)
-        except OSError as exc:
-            raise LocalError(f"cannot write {self.meta_path}: {exc.strerror}") from None
-
-    def truncate(self, length: int) -> None:
-        # only when it changes something: on ext4 any truncate to 0 makes close()
-        # flush the whole file (auto_da_alloc), ~0.25 s per GiB
-        if not (self._empty and length == 0) and os.fstat(self.fd).st_size != length:
-            os.ftruncate(self.fd, length)
-        self.writeback = Writeback(self.fd, length)
-
-    def write(self, data: memoryview, position: int) -> None:
-        self._empty = False
-        try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], position + done)
-        except OSError as exc:
-            kind = LocalNoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalError
-            raise kind(f"cannot write {self.path}: {exc.strerror}") from None
-        if self.durable:
-            self.writeback.wrote_up_to(position + len(data))
-
-    def reset(self) -> None:
-        self.truncate(0)
-        self._remove_meta()
-
-    def place(self) -> None:
-        """Make the bytes durable, then rename over the destination atomically.
-
-        The folder is not fsynced: after a crash either the rename happened or the
-        complete partial is still there, and the next get finishes the job.
-        """
-        try:
-            if self.durable:
-                self.writeback.finish()
-            os.replace(self.path, self.destination)
-        except OSError as exc:
-            raise LocalError(f"cannot place {self.destination}: {exc.strerror}") from None
-        self._placed = True
-        self._remove_meta()
-
-    def _remove_meta(self) -> None:
-        if not self._may_have_meta:
-            return
-        try:
-            os.unlink(self.meta_path)
-        except FileNotFoundError:
-            pass
-        self._may_have_meta = False
-
-    def close(self) -> None:
-        """Release the lock; an empty partial is not worth keeping."""
-        if self.fd < 0:
-            return
-        try:
-            if not self._placed and os.fstat(self.fd).st_size == 0 and \
-                    os.path.exists(self.path):
-                os.unlink(self.path)
-                self._remove_meta()
-        except OSError:
-            pass
-        os.close(self.fd)
-        self.fd = -1

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 from conftest import cli, cli_json, kill_when, random_file, start_cli, wait_for, xxh128_of
-from filesrv.client import NAME_MAX, _read_small_file, partial_name
+from filesrv.client import _read_small_file
+from filesrv.local import NAME_MAX, partial_name
 from filesrv.errors import SourceChanged
 
 SLOW = "2M"  # bytes per second while a test acts mid-transfer
