@@ -11,38 +11,34 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import socket
 import stat
 import threading
 import time
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 import xxhash
 
-from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
-                     FilesrvError, IntegrityError, IsADirectory, LocalError, LocalNoSpace,
-                     NotFound, ProtocolError, SourceChanged)
-from .protocol import (MAX_BATCH_FILES, PROTOCOL_VERSION, SKIP_EXISTING, SKIP_IDENTICAL, Auth,
-                       Commit, Data, Entry, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
-                       PutFiles, Remove, Stat, StatReply, auth_proof, check_reply,
-                       decode_listing, normalize_path, parse_commit_reply, parse_file_reply,
-                       parse_get_reply, parse_hello_reply, parse_list_reply,
-                       parse_need_reply, parse_path, parse_placed_reply, parse_put_reply,
-                       parse_removed_reply, parse_stat_reply)
+from .connection import DEFAULT_PORT, Connection, server_failure
+from .connection import parse_server  # noqa: F401 (re-exported: the CLI uses it)
+from .errors import (ConfigError, ConnectionFailed, FilesrvError, IntegrityError,
+                     IsADirectory, LocalError, LocalNoSpace, NotFound, ProtocolError,
+                     SourceChanged)
 from .hashing import hash_fd_range
 from .local import (LocalPartial, StreamSink, existing_file, file_digest, free_bytes,
                     make_local_dir, no_local_space, place_and_close, place_together,
                     placement_target, writes_through)
+from .protocol import (MAX_BATCH_FILES, SKIP_EXISTING, SKIP_IDENTICAL, Commit, Data, Entry,
+                       Get, GetFiles, ListDir, MakeDir, Move, Put, PutFiles, Remove, Stat,
+                       StatReply, check_reply, decode_listing, normalize_path,
+                       parse_commit_reply, parse_file_reply, parse_get_reply,
+                       parse_list_reply, parse_need_reply, parse_path, parse_placed_reply,
+                       parse_put_reply, parse_removed_reply, parse_stat_reply)
+from .retry import DEFAULT_TIMEOUT, RETRIES, Reconnecting, RetryPolicy
 from .sources import (LocalSource, TreePlan, file_version, is_settled, plan_local_tree,
                       source_tag)
-from .transport import Channel, PeerClosed, TornFrame
+from .transport import Channel, TornFrame
 
-DEFAULT_PORT = 8750
 DEFAULT_BUFFER_SIZE = 1024 * 1024
-DEFAULT_TIMEOUT = 60.0
-RETRIES = 5               # reconnect-and-resume attempts after a connection is cut
 _SMALL_BUFFER = 64 * 1024     # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 # Trees: files up to BATCH_FILE_MAX travel many to an exchange (put_files/get_files), in
@@ -53,9 +49,6 @@ BATCH_BYTES = 8 * 1024 * 1024
 BATCH_MANIFEST_BYTES = 48 * 1024
 DURABLE_BATCH_FILES = 256  # with --fsync a batch's partials stay open until one flush
 AHEAD_BYTES = 32 * 1024   # requests sent before their replies are read (PROTOCOL.md 2.5)
-
-if TYPE_CHECKING:
-    import ssl
 
 _T = TypeVar("_T")
 
@@ -105,15 +98,6 @@ class TransferResult(NamedTuple):
             del record["skipped"]  # the record users and scripts know, unchanged
         record["transferred"] = self.bytes_moved
         return record
-
-
-class Reconnecting(NamedTuple):
-    """What Client.on_retry is told before the client reconnects after a cut."""
-
-    attempt: int   # 1 for the first reconnect of a transfer
-    retries: int   # the most it makes (--retries)
-    delay: float   # seconds it waits before connecting again
-    reason: str    # why the connection was lost
 
 
 class _Clock:
@@ -182,43 +166,6 @@ class _Clock:
                                reconnect_seconds=self.reconnect_seconds)
 
 
-def parse_server(address: str) -> tuple[str, int]:
-    """'HOST:PORT', '[V6]:PORT' or 'HOST' (default port) to (host, port)."""
-    if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-    elif address.count(":") == 1:
-        host, port = address.split(":")
-    else:
-        host, port = address, ""
-    if not host:
-        raise ValueError(f"no host in {address!r}")
-    try:
-        number = int(port) if port else DEFAULT_PORT
-    except ValueError:
-        raise ValueError(f"bad port in {address!r}") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"port out of range in {address!r}")
-    return host, number
-
-
-class _ClosedBeforeGreeting(ConnectionFailed):
-    """The server hung up before its greeting: busy (with TLS), or a TLS mismatch."""
-
-    def __init__(self, message: str = "") -> None:
-        super().__init__(message, retryable=False)  # connect() already retried it
-
-
-def _client_tls_context(cafile: str | None) -> "ssl.SSLContext":
-    import ssl  # lazily: plain connections should not pay for loading OpenSSL
-    try:
-        context = ssl.create_default_context(cafile=cafile)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"cannot load CA file {cafile}: {exc}") from None
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    return context
-
-
 def read_token_file(path: str) -> bytes:
     """The first non-blank, non-comment line of a token file."""
     try:
@@ -248,40 +195,7 @@ class RateLimiter:
             time.sleep(ahead)
 
 
-class RetryPolicy(NamedTuple):
-    """When the client tries again: one policy for both of its retry loops (as urllib3's
-    Retry), so their numbers live in one place.
-
-    After a cut connection (a retryable ConnectionFailed): up to `reconnects` more
-    attempts, waiting `backoff`, doubling, capped at `backoff_max`: 0.5 + 1 + 2 + 4 + 8 =
-    15.5 s with the defaults, as --retries documents. While the server is busy: attempts
-    for up to `busy_seconds` (the client's --timeout), waiting `busy_backoff`, doubling,
-    capped at `busy_backoff_max`, each with jitter, so that clients refused together do
-    not all return at the same instant. A server that closes before greeting us, without
-    saying why, gets `closed_attempts` attempts: that is a plain client at a TLS port as
-    often as a busy server, and the user should hear of it at once.
-    """
-
-    reconnects: int = RETRIES
-    backoff: float = 0.5
-    backoff_max: float = 8.0
-    busy_seconds: float = DEFAULT_TIMEOUT
-    busy_backoff: float = 0.25
-    busy_backoff_max: float = 2.0
-    closed_attempts: int = 4
-
-    def reconnect_delay(self, retry: int) -> float:
-        """Seconds before reconnection number `retry` (0 for the first)."""
-        return min(self.backoff * 2 ** retry, self.backoff_max)
-
-    def busy_delay(self, retry: int, left: float) -> float:
-        """Seconds before busy retry number `retry`, with jitter (between half the
-        exponential step and all of it), never past the `left` seconds of the budget."""
-        step = min(self.busy_backoff * 2 ** retry, self.busy_backoff_max)
-        return max(0.0, min(left, step * random.uniform(0.5, 1.0)))
-
-
-class Client:
+class Client(Connection):
     """One connection to a filesrv daemon; many commands may run over it."""
 
     def __init__(self, host: str, port: int = DEFAULT_PORT, *,
@@ -296,215 +210,15 @@ class Client:
         waiting for a busy server."""
         if buffer_size < 1:
             raise ValueError("buffer_size must be at least 1")
-        self.host = host
-        self.port = port
+        super().__init__(host, port, timeout=timeout, token=token, tls=tls, cafile=cafile,
+                         retries=retries, retry=retry, on_retry=on_retry, on_wait=on_wait)
         self.buffer_size = buffer_size
         self.limit_rate = limit_rate
-        self.timeout = timeout
-        self.token = token
         self.durable = durable  # fsync each downloaded file before it takes its name
-        self.tls = _client_tls_context(cafile) if tls else None
-        self.server_agent = ""
-        self._channel: Channel | None = None
-        self._hello_pending = False
-        self._ever_connected = False
-        self.retry = retry or RetryPolicy(reconnects=retries, busy_seconds=timeout)
-        self.on_retry = on_retry  # told before each reconnect after a cut connection
-        self.on_wait = on_wait
-        self._said_waiting = False
-        self.reconnects = 0  # over this client's life, for summaries
-        self.reconnect_seconds = 0.0
         self._buffers: dict[int, bytearray] = {}
         self._sent_ahead: _SentAhead | None = None
 
-    # ------------------------------------------------------------ connection
-
-    def __enter__(self) -> "Client":
-        # no connection yet: the first command connects, and its request travels with
-        # the hello instead of waiting a round trip for the greeting
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-    def connect(self, first_request: bytes | None = None) -> None:
-        """Connect and handshake, retrying with backoff while the server is busy.
-
-        first_request goes out right behind the hello when no token is needed; the
-        server answers it after the greeting and the hello reply.
-        """
-        started = time.monotonic()
-        for attempt in range(1, 100_000):  # bounded in time by the policy, in count here
-            try:
-                self._channel = self._open(first_request)
-                return
-            except Busy as exc:
-                waited = time.monotonic() - started
-                delay = self.retry.busy_delay(attempt - 1, self.retry.busy_seconds - waited)
-                if delay <= 0:
-                    raise Busy(f"{exc.message}; gave up after {attempt} attempts in "
-                               f"{waited:.0f} s (--timeout sets how long to wait)") from None
-                self._say_waiting(exc.message)
-            except _ClosedBeforeGreeting as exc:
-                if attempt >= self.retry.closed_attempts:
-                    raise _ClosedBeforeGreeting(f"{exc.message} (gave up after {attempt} "
-                                                "attempts)") from None
-                delay = self.retry.busy_delay(attempt - 1, self.retry.busy_seconds)
-            time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _say_waiting(self, why: str) -> None:
-        if self.on_wait is not None and not self._said_waiting:
-            self._said_waiting = True
-            self.on_wait(f"{why}; waiting up to {self.retry.busy_seconds:g} s for a free "
-                         "connection slot")
-
-    def _open(self, first_request: bytes | None) -> Channel:
-        where = f"{self.host}:{self.port}"
-        self._hello_pending = False
-        try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-        except OSError as exc:
-            # refused right after a cut: the server is restarting; refused at first: a typo
-            raise ConnectionFailed(f"cannot connect to {where}: {exc.strerror or exc}",
-                                   retryable=self._ever_connected) from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.tls is not None:
-            sock = self._start_tls(sock, where)
-        channel = Channel(sock)
-        try:
-            # hello goes out before the greeting is read: a TLS server that gets it in
-            # the clear fails its handshake at once instead of waiting for us. Without
-            # a token there is nothing to wait for, so the first request rides along.
-            pipelined = first_request if self.token is None else None
-            channel.send_frame(Hello(agent="filesrv-client").frame() + (pipelined or b""))
-            try:
-                greeting = parse_hello_reply(channel.read_header())
-            except (PeerClosed, ConnectionResetError, BadRequest):
-                raise _ClosedBeforeGreeting(
-                    f"{where} closed the connection before greeting us: it is busy, or it "
-                    "expects TLS (try --tls)") from None
-            if greeting.version != PROTOCOL_VERSION:
-                raise ConnectionFailed(f"server speaks protocol {greeting.version}, this "
-                                       f"client {PROTOCOL_VERSION}", retryable=False)
-            if greeting.nonce is not None:
-                if self.token is None:
-                    raise AuthFailed("authentication failed: the server requires a token "
-                                     "(--token-file or FILESRV_TOKEN)")
-                self._reply(parse_hello_reply, channel)
-                self._authenticate(channel, greeting.nonce)
-                if first_request is not None:
-                    channel.send_bytes(first_request)
-            else:
-                # the hello reply is read with the first reply: one round trip saved
-                self._hello_pending = True
-                if first_request is not None and pipelined is None:
-                    # we held it back for a token this server does not ask for
-                    channel.send_bytes(first_request)
-        except OSError as exc:
-            channel.close()
-            raise ConnectionFailed(f"connection to {where} failed: {exc}") from None
-        except BaseException:
-            channel.close()
-            raise
-        self.server_agent = greeting.server
-        self._ever_connected = True
-        return channel
-
-    def _start_tls(self, sock: socket.socket, where: str) -> socket.socket:
-        import ssl
-        assert self.tls is not None
-        try:
-            return self.tls.wrap_socket(sock, server_hostname=self.host)
-        except ssl.SSLCertVerificationError as exc:
-            sock.close()
-            raise ConnectionFailed(f"TLS: cannot verify {where}: {exc.verify_message}",
-                                   retryable=False) from None
-        except (ssl.SSLEOFError, ConnectionResetError):
-            sock.close()
-            # closed before a word of TLS: how a TLS server at its limit says busy
-            # (PROTOCOL.md 1); a plain server would have answered with its greeting
-            raise Busy(f"server busy: {where} closed the connection before the TLS "
-                       "handshake (as a TLS server at its connection limit does)") from None
-        except (ssl.SSLError, OSError) as exc:
-            sock.close()
-            raise ConnectionFailed(f"TLS handshake with {where} failed ({exc}): does the "
-                                   "server use TLS? (it does only with --tls-cert)",
-                                   retryable=False) from None
-
-    def _authenticate(self, channel: Channel, nonce: str) -> None:
-        assert self.token is not None
-        proof = auth_proof(self.token, nonce)
-        channel.send_frame(Auth(proof=proof).frame())
-        try:
-            self._reply(check_reply, channel)
-        except AuthFailed:
-            raise AuthFailed("authentication failed: the server refused the token") from None
-
-    def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
-
-    @property
-    def channel(self) -> Channel:
-        if self._channel is None:
-            self.connect()
-        assert self._channel is not None
-        return self._channel
-
-    def _next_header(self, channel: Channel) -> dict[str, Any]:
-        if self._hello_pending:
-            self._hello_pending = False
-            parse_hello_reply(channel.read_header())
-        return channel.read_header()
-
-    def _reply(self, parse: Callable[[dict[str, Any]], _T], channel: Channel | None = None
-               ) -> _T:
-        """The next reply, parsed; its failures mapped by _server_failures."""
-        with self._server_failures():
-            return parse(self._next_header(channel or self.channel))
-
-    @contextmanager
-    def _server_failures(self) -> Iterator[None]:
-        """Around reading from the server: failures mapped by _server_failure; after a
-        broken connection or a broken reply the connection is out of step, and closed."""
-        try:
-            yield
-        except (PeerClosed, BadRequest, OSError) as exc:
-            mapped = _server_failure(exc)
-            if isinstance(mapped, (ConnectionFailed, ProtocolError)):
-                self.close()
-            if mapped is exc:
-                raise
-            raise mapped from None
-
-    def _request(self, frame: bytes) -> None:
-        """Send the request that starts a command; on a new connection, with the hello."""
-        if self._channel is None:
-            self.connect(first_request=frame)
-        else:
-            self._send(frame)
-
-    def _send(self, data: bytes | memoryview) -> None:
-        """Send, and on a broken connection report the server's error if it sent one."""
-        try:
-            self.channel.send_bytes(data)
-        except OSError as exc:
-            self._raise_pending_error(exc)
-
-    def _raise_pending_error(self, exc: OSError) -> None:
-        channel = self.channel
-        try:
-            channel.sock.settimeout(2.0)
-            header = self._next_header(channel)
-        except (OSError, PeerClosed, FilesrvError):
-            self.close()
-            raise ConnectionFailed(f"connection to the server broke: {exc}") from None
-        self.close()
-        with self._server_failures():
-            parse_put_reply(header)  # raises the server's error
-        raise ConnectionFailed(f"connection to the server broke: {exc}")
+    # ------------------------------------------------------------ buffers
 
     def _buffer(self, needed: int) -> bytearray:
         """A reusable buffer for `needed` bytes: small transfers do not pay for a big one."""
@@ -528,25 +242,6 @@ class Client:
         with self._server_failures():
             return decode_listing(self.channel.read_body(length))
 
-    def _retrying(self, attempt: Callable[[], _T]) -> _T:
-        """Run a transfer attempt; after a cut connection reconnect and run it again.
-
-        Each attempt resumes where the last one stopped (the partials say where).
-        """
-        for retry in range(self.retry.reconnects + 1):
-            try:
-                return attempt()
-            except ConnectionFailed as exc:
-                if not exc.retryable or retry == self.retry.reconnects:
-                    raise
-                self.close()
-                self.reconnects += 1
-                delay = self.retry.reconnect_delay(retry)
-                if self.on_retry:
-                    self.on_retry(Reconnecting(retry + 1, self.retry.reconnects, delay,
-                                               exc.message))
-                time.sleep(delay)
-        raise AssertionError("unreachable")
 
     # ------------------------------------------------------------ management
 
@@ -744,7 +439,7 @@ class Client:
                 self.close()
                 raise ConnectionFailed(
                     f"connection lost after {position} of {size} bytes "
-                    f"({_server_failure(exc).message}); run the same command again to "
+                    f"({server_failure(exc).message}); run the same command again to "
                     "resume") from None
             chunk = view[:got]
             try:
@@ -1140,22 +835,6 @@ def _plan_get_batch(batch: list[tuple[str, str, int]], overwrite: str) -> _GetPl
         wanted.append((remote, local, None if existing is None else existing[1]))
     request = GetFiles([{"path": r, "xxh128": have} for r, _, have in wanted]).frame()
     return _GetPlan(kept, wanted, request)
-
-
-def _server_failure(exc: BaseException) -> BaseException:
-    """What a failure between the client and the server means, mapped once (as httpcore's
-    map_exceptions): a broken, closed or cut connection, a frame torn anywhere, is
-    ConnectionFailed, which --retries reconnects and resumes after; a reply that breaks the
-    protocol is ProtocolError; the server's own errors, and the rest, stay as they are."""
-    if isinstance(exc, PeerClosed):
-        return ConnectionFailed("the server closed the connection")
-    if isinstance(exc, TornFrame):
-        return ConnectionFailed(f"the connection to the server broke ({exc.message})")
-    if isinstance(exc, BadRequest) and not exc.from_peer:
-        return ProtocolError(f"malformed reply from the server: {exc.message}")
-    if isinstance(exc, OSError):
-        return ConnectionFailed(f"connection to the server failed: {exc.strerror or exc}")
-    return exc
 
 
 def _mismatch(remote: str) -> IntegrityError:

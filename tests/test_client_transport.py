@@ -20,7 +20,8 @@ import pytest
 import xxhash
 from conftest import CLI, ENV, RawConnection, random_file, start_cli, wait_for, xxh128_of
 
-from filesrv.client import Client, RetryPolicy, _server_failure
+from filesrv.client import Client, RetryPolicy
+from filesrv.connection import server_failure
 from filesrv.errors import BadRequest, Busy, ConnectionFailed, ProtocolError, error_from_code
 from filesrv.protocol import (Entry, FrameBuffer, Hello, encode_frame, encode_listing, greeting,
                               ok_reply)
@@ -205,12 +206,12 @@ def test_a_malformed_reply_is_a_protocol_error_not_a_refusal(fake_server, tmp_pa
 def test_failure_mapping_keeps_the_servers_own_errors():
     """The server's bad_request (it refused our request) stays a refusal, exit 5."""
     from_server = error_from_code("bad_request", "no")
-    assert _server_failure(from_server) is from_server
-    assert isinstance(_server_failure(BadRequest("torn")), ProtocolError)
-    assert isinstance(_server_failure(TornFrame("cut")), ConnectionFailed)
-    assert isinstance(_server_failure(PeerClosed()), ConnectionFailed)
-    assert isinstance(_server_failure(ConnectionResetError(104, "reset")), ConnectionFailed)
-    assert _server_failure(ConnectionResetError()).retryable  # type: ignore[attr-defined]
+    assert server_failure(from_server) is from_server
+    assert isinstance(server_failure(BadRequest("torn")), ProtocolError)
+    assert isinstance(server_failure(TornFrame("cut")), ConnectionFailed)
+    assert isinstance(server_failure(PeerClosed()), ConnectionFailed)
+    assert isinstance(server_failure(ConnectionResetError(104, "reset")), ConnectionFailed)
+    assert server_failure(ConnectionResetError()).retryable  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- busy
