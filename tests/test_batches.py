@@ -256,7 +256,7 @@ def test_json_records_of_a_tree_stream_out_as_files_complete(daemon, tmp_path):
 
 
 def test_batch_manifest_sizes_are_counted_as_json_writes_the_names():
-    from filesrv.client import _json_size
+    from filesrv.trees import _json_size
     names = ["plain/name.bin", "café/日本語/ñandú.jpg", 'quote"d', "back\\slash", "tab\there",
              "new\nline", "\x7f", "\u2028", "emoji😀", "zero\u200bwidth", "", "\x00"]
     for name in names:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from conftest import cli, cli_json, kill_when, random_file, start_cli, wait_for, xxh128_of
-from filesrv.client import _read_small_file
+from filesrv.trees import read_small_file
 from filesrv.local import NAME_MAX, partial_name
 from filesrv.errors import SourceChanged
 
@@ -207,7 +207,7 @@ def test_a_small_file_rewritten_while_batched_is_read_as_one_version(tmp_path: P
         torn = refused = 0
         for _ in range(1000):
             try:
-                body = _read_small_file(str(path))
+                body = read_small_file(str(path))
             except SourceChanged:
                 refused += 1
                 continue

@@ -1,0 +1,109 @@
+"""The remote commands that are one request and its reply (ls, stat, hash, rm, mv,
+mkdir), and the pipelined hash of a tree, over a Connection."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from .connection import Connection
+from .errors import FilesrvError, IsADirectory, NotFound
+from .protocol import (Entry, ListDir, MakeDir, Move, Remove, Stat, StatReply, check_reply,
+                       decode_listing, parse_list_reply, parse_path, parse_removed_reply,
+                       parse_stat_reply)
+
+AHEAD_BYTES = 32 * 1024   # requests sent before their replies are read (PROTOCOL.md 2.5)
+
+
+def join_path(base: str, rel: str) -> str:
+    """A remote path: `rel` under `base` ('' is the root)."""
+    return f"{base}/{rel}" if base else rel
+
+
+class RemoteCommands(Connection):
+    """The commands on remote names, retried after a cut where that is safe."""
+
+    def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
+        """One directory's entries; recursive: the whole tree, names relative to `path`."""
+        parse_path(path, allow_root=True)
+        return self._retrying(lambda: self._ls_once(path, recursive))
+
+    def _ls_once(self, path: str, recursive: bool) -> list[Entry]:
+        self._request(ListDir(path=path, recursive=recursive).frame())
+        length = self._reply(parse_list_reply)
+        with self._server_failures():
+            return decode_listing(self.channel.read_body(length))
+
+    def stat(self, path: str) -> StatReply:
+        """type ("file"/"dir"), size, mtime and, for files, the XXH3-128 digest."""
+        parse_path(path, allow_root=True)
+        return self._retrying(lambda: self._stat_once(path))
+
+    def _stat_once(self, path: str) -> StatReply:
+        self._request(Stat(path=path).frame())
+        return self._reply(parse_stat_reply)
+
+    def _remote_file(self, path: str) -> StatReply | None:
+        try:
+            return self.stat(path)
+        except NotFound:
+            return None
+
+    def hash(self, path: str) -> str:
+        """The server's XXH3-128 digest of a file, as xxh128sum prints it."""
+        info = self.stat(path)
+        if info.xxh128 is None:
+            raise IsADirectory(f"{path!r} is a directory")
+        return info.xxh128
+
+    def hash_tree(self, remote_dir: str) -> Iterator[tuple[str, int, str]]:
+        """(name relative to remote_dir, size, XXH3-128) of every file in a tree.
+
+        The stat requests go out many at a time (up to AHEAD_BYTES), not a round
+        trip each.
+        """
+        base = remote_dir.rstrip("/")
+        files = [e for e in self.ls(base, recursive=True) if e.type == "file"]
+        start = 0
+        while start < len(files):
+            names, frames, size = [], [], 0
+            while start + len(names) < len(files) and size < AHEAD_BYTES:
+                names.append(files[start + len(names)].name)
+                frames.append(Stat(path=join_path(base, names[-1])).frame())
+                size += len(frames[-1])
+            # a run is read whole before it is yielded, so a cut connection retries it
+            request = b"".join(frames)
+            yield from self._retrying(lambda: self._hash_run(names, request))
+            start += len(names)
+
+    def _hash_run(self, names: list[str], request: bytes) -> list[tuple[str, int, str]]:
+        """One pipelined run of stat requests: (name, size, XXH3-128) of each."""
+        self._request(request)
+        out = []
+        for name in names:
+            try:
+                info = self._reply(parse_stat_reply)
+                if info.xxh128 is None:
+                    raise IsADirectory(f"{name!r} became a directory")
+            except FilesrvError:
+                self.close()  # the other replies of this run are unread
+                raise
+            out.append((name, info.size, info.xxh128))
+        return out
+
+    def rm(self, path: str, recursive: bool = False) -> int:
+        """Delete a file (or with recursive, a directory tree); how many entries went."""
+        parse_path(path, allow_root=True)
+        self._request(Remove(path=path, recursive=recursive).frame())
+        return self._reply(parse_removed_reply)
+
+    def mv(self, src: str, dst: str) -> None:
+        """Rename within the server's root, atomically."""
+        parse_path(src, allow_root=True)
+        parse_path(dst, allow_root=True)
+        self._request(Move(src=src, dst=dst).frame())
+        self._reply(check_reply)
+
+    def mkdir(self, path: str, parents: bool = False) -> None:
+        parse_path(path, allow_root=True)
+        self._request(MakeDir(path=path, parents=parents).frame())
+        self._reply(check_reply)
