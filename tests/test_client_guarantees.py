@@ -10,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import cli, cli_json, kill_when, random_file, start_cli, wait_for, xxh128_of
@@ -172,7 +173,8 @@ def test_a_tree_whose_large_file_is_rewritten_is_never_spliced(daemon, tmp_path:
 REWRITER = """
 import os, sys, time
 fd = os.open(sys.argv[1], os.O_WRONLY)
-try:  # never paused mid-write by other tasks: a paused write leaves a real mixed state
+stalls = open(sys.argv[3], "a", buffering=1)
+try:  # rarely paused mid-write by other tasks: a paused write leaves a real mixed state
     os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
 except OSError:
     pass
@@ -180,9 +182,14 @@ versions = [bytes([c]) * int(sys.argv[2]) for c in b"AB"]
 end = time.monotonic() + 20
 while time.monotonic() < end:  # each version in one write(2), as a program saving it would
     for version in versions:
+        began = time.monotonic_ns()
         os.pwrite(fd, version, 0)
+        ended = time.monotonic_ns()
+        if ended - began > STALL_NS:  # the file really held a mix for this long
+            stalls.write(f"{began} {ended}\\n")
         time.sleep(0.0005)
 """
+STALL_NS = 2_000_000  # a 1 MiB write into the page cache takes ~0.2 ms here
 
 
 def test_a_small_file_rewritten_while_batched_is_read_as_one_version(tmp_path: Path):
@@ -191,31 +198,46 @@ def test_a_small_file_rewritten_while_batched_is_read_as_one_version(tmp_path: P
     several reads in a hundred are torn here).
 
     The file is made in 4 KiB writes, so its page cache is in small pages that a reader
-    can see half rewritten. The rewriter runs real-time when it may: a write paused
-    halfway for milliseconds leaves the file really holding a mix, which no reader can
-    tell from a version of it.
+    can see half rewritten. A write that the scheduler pauses halfway (the rewriter runs
+    real-time where it may, but a loaded machine still pauses it now and then) leaves
+    the file really holding a mix for that long: a version of the file no reader can
+    tell from another, which the README names as the limit of the guarantee. The
+    rewriter reports each such pause; only a mixed read that overlaps one is excused.
     """
     size = 1024 * 1024
     path = tmp_path / "small.bin"
+    stalls_file = tmp_path / "stalls"
+    stalls_file.touch()
     with open(path, "wb") as fh:
         for _ in range(size // 4096):
             fh.write(b"A" * 4096)
     versions = {b"A" * size, b"B" * size}
-    writer = subprocess.Popen([sys.executable, "-c", REWRITER, str(path), str(size)])
+    rewriter = REWRITER.replace("STALL_NS", str(STALL_NS))
+    writer = subprocess.Popen([sys.executable, "-c", rewriter, str(path), str(size),
+                               str(stalls_file)])
+    mixed: list[tuple[int, int]] = []
     try:
         wait_for(lambda: path.read_bytes()[:1] == b"B", what="the rewriter to start")
-        torn = refused = 0
+        refused = 0
         for _ in range(1000):
+            began = time.monotonic_ns()
             try:
                 body = read_small_file(str(path))
             except SourceChanged:
                 refused += 1
                 continue
-            torn += body not in versions
+            if body not in versions:
+                mixed.append((began, time.monotonic_ns()))
     finally:
         writer.kill()
         writer.wait(timeout=10)
-    assert torn == 0, f"{torn} of 1000 reads mixed two versions ({refused} refused)"
+    stalls = [tuple(map(int, line.split())) for line in stalls_file.read_text().split("\n")
+              if line]
+    unexplained = [read for read in mixed
+                   if not any(s < read[1] and read[0] < e for s, e in stalls)]
+    assert not unexplained, (f"{len(unexplained)} of 1000 reads mixed two versions while "
+                             f"no write was paused ({refused} refused, {len(mixed)} mixed "
+                             f"in all, {len(stalls)} paused writes)")
 
 
 # ---------------------------------------------------------------- what is at the destination
