@@ -14,13 +14,12 @@ import sys
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-from . import __version__
+from . import __version__, defaults
 from .errors import (AlreadyExists, ConfigError, FilesrvError, IsADirectory, LocalError,
                      NotADirectory, NotFound)
 
-DEFAULT_SERVER_PORT = 8750
-DEFAULT_SERVER = f"127.0.0.1:{DEFAULT_SERVER_PORT}"  # where `filesrv serve` listens by default
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_BUFFER_SIZE_TEXT = f"{defaults.BUFFER_SIZE // _UNITS['M']}M"  # as --buffer-size takes it
 
 EPILOG = """\
 Run `filesrv help COMMAND` (or `filesrv COMMAND --help`) for a command's options and
@@ -206,37 +205,44 @@ def build_parser() -> argparse.ArgumentParser:
                        "root = \"/srv\", max-children = 32, read-only = true); the command "
                        "line wins over FILESRV_* variables, which win over the file "
                        "(default: $FILESRV_CONFIG)")
-    serve.add_argument("--root", default="./storage",
-                       help="directory to serve, created if missing (default: ./storage)")
-    serve.add_argument("--host", default="127.0.0.1",
+    serve.add_argument("--root", default=defaults.ROOT,
+                       help=f"directory to serve, created if missing (default: {defaults.ROOT})")
+    serve.add_argument("--host", default=defaults.HOST,
                        help="address to listen on; 0.0.0.0 or :: for every interface "
-                       "(default: 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT,
-                       help=f"TCP port; 0 picks a free one (default: {DEFAULT_SERVER_PORT})")
-    serve.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
-                       metavar="BYTES", help="receive and hash buffer (default: 1M)")
-    serve.add_argument("--max-children", type=positive_int, default=64, metavar="N",
+                       f"(default: {defaults.HOST})")
+    serve.add_argument("--port", type=int, default=defaults.PORT,
+                       help=f"TCP port; 0 picks a free one (default: {defaults.PORT})")
+    serve.add_argument("--buffer-size", type=positive_size, default=defaults.BUFFER_SIZE,
+                       metavar="BYTES", help="receive and hash buffer "
+                       f"(default: {_BUFFER_SIZE_TEXT})")
+    serve.add_argument("--max-children", type=positive_int, default=defaults.MAX_CHILDREN,
+                       metavar="N",
                        help="connections served at once; beyond it a client gets 'busy' at "
                        "once. Connections still in their handshake (not yet authenticated) "
                        "hold at most half of them; beyond that the oldest is dropped "
-                       "(default: 64)")
-    serve.add_argument("--idle-timeout", type=positive_float, default=300.0,
+                       f"(default: {defaults.MAX_CHILDREN})")
+    serve.add_argument("--idle-timeout", type=positive_float, default=defaults.IDLE_TIMEOUT,
                        metavar="SECONDS", help="close a connection silent for this long "
-                       "(default: 300)")
-    serve.add_argument("--handshake-timeout", type=positive_float, default=10.0,
+                       f"(default: {defaults.IDLE_TIMEOUT:g})")
+    serve.add_argument("--handshake-timeout", type=positive_float,
+                       default=defaults.HANDSHAKE_TIMEOUT,
                        metavar="SECONDS", help="a new connection must finish TLS, hello and "
-                       "authentication within this time (default: 10)")
-    serve.add_argument("--grace", type=non_negative_float, default=30.0, metavar="SECONDS",
+                       "authentication within this time "
+                       f"(default: {defaults.HANDSHAKE_TIMEOUT:g})")
+    serve.add_argument("--grace", type=non_negative_float, default=defaults.GRACE,
+                       metavar="SECONDS",
                        help="on SIGTERM/SIGINT, let transfers in flight finish for up to this "
                        "long before closing them (they stay resumable); a second signal "
-                       "skips the wait (default: 30)")
+                       f"skips the wait (default: {defaults.GRACE:g})")
     serve.add_argument("--read-only", action="store_true",
                        help="refuse every upload with 'read_only'")
     serve.add_argument("--max-file-size", type=parse_size, default=None, metavar="BYTES",
                        help="refuse uploads larger than this, e.g. 10G (default: no limit)")
-    serve.add_argument("--partial-max-age", type=positive_float, default=7 * 24 * 3600.0,
+    serve.add_argument("--partial-max-age", type=positive_float,
+                       default=defaults.PARTIAL_MAX_AGE,
                        metavar="SECONDS", help="delete unfinished uploads untouched for "
-                       "this long, checked at start and hourly (default: 604800, 7 days)")
+                       "this long, checked at start and hourly (default: "
+                       f"{defaults.PARTIAL_MAX_AGE:g}, {defaults.PARTIAL_MAX_AGE / 86400:g} days)")
     serve.add_argument("--token-file", metavar="FILE",
                        help="require clients to prove they know one of the tokens in FILE "
                        "(one a line; HMAC challenge-response, the token never crosses the "
@@ -250,22 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     client_opts.add_argument("-s", "--server", default=None,
                              metavar="HOST:PORT|REMOTE",
                              help="daemon address, or the name of a [remote.NAME] of the "
-                             f"config file (default: $FILESRV_SERVER, else {DEFAULT_SERVER}; "
-                             f"port {DEFAULT_SERVER_PORT} if omitted)")
+                             f"config file (default: $FILESRV_SERVER, else {defaults.SERVER}; "
+                             f"port {defaults.PORT} if omitted)")
     client_opts.add_argument("--config", metavar="FILE",
                              help="client config file (default: $FILESRV_CONFIG, else "
                              "$XDG_CONFIG_HOME/filesrv/config.toml, else "
                              "~/.config/filesrv/config.toml, if it exists)")
     client_opts.add_argument("--json", action="store_true",
                              help="machine-readable output on stdout")
-    client_opts.add_argument("--timeout", type=positive_float, default=60.0, metavar="SECONDS",
+    client_opts.add_argument("--timeout", type=positive_float, default=defaults.TIMEOUT,
+                             metavar="SECONDS",
                              help="give up on a silent server after this long, and on a busy one "
-                             "(waiting for a free connection slot) too (default: 60)")
-    client_opts.add_argument("--retries", type=non_negative_int, default=5, metavar="N",
+                             f"(waiting for a free connection slot) too (default: "
+                             f"{defaults.TIMEOUT:g})")
+    client_opts.add_argument("--retries", type=non_negative_int, default=defaults.RETRIES,
+                             metavar="N",
                              help="when a connection is cut (mid-transfer, or a reply torn, "
                              "or the server restarts), reconnect and resume up to N times, "
                              "waiting 0.5 s, 1 s, 2 s, 4 s, 8 s, 8 s... in between: with the "
-                             "default 5, about 15 s in all; 0 gives up at once (default: 5)")
+                             f"default {defaults.RETRIES}, about 15 s in all; 0 gives up at "
+                             f"once (default: {defaults.RETRIES})")
     client_opts.add_argument("--token-file", metavar="FILE",
                              help="token for a server started with --token-file (default: "
                              "the token in $FILESRV_TOKEN, else the config file's token-file "
@@ -283,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--limit-rate", type=parse_size, default=None,
                           metavar="BYTES_PER_SECOND",
                           help="cap the transfer rate, e.g. 10M (K/M/G are powers of 1024)")
-    transfer.add_argument("--buffer-size", type=positive_size, default=1024 * 1024,
-                          metavar="BYTES", help="transfer buffer (default: 1M)")
+    transfer.add_argument("--buffer-size", type=positive_size, default=defaults.BUFFER_SIZE,
+                          metavar="BYTES", help=f"transfer buffer (default: {_BUFFER_SIZE_TEXT})")
     policy = transfer.add_mutually_exclusive_group()
     policy.add_argument("--no-clobber", dest="overwrite", action="store_const",
                         const="no-clobber", help="leave an existing destination alone")
@@ -591,7 +601,8 @@ def load_config(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- commands
 
 def run_serve(args: argparse.Namespace) -> int:
-    from .server import ServerOptions, load_tokens, serve, tls_context
+    from .fileio import read_tokens
+    from .server import ServerOptions, serve, tls_context
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
     options = ServerOptions(
@@ -599,7 +610,7 @@ def run_serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout, handshake_timeout=args.handshake_timeout,
         grace=args.grace, read_only=args.read_only, max_file_size=args.max_file_size,
         partial_max_age=args.partial_max_age,
-        tokens=load_tokens(args.token_file) if args.token_file else (),
+        tokens=read_tokens(args.token_file) if args.token_file else (),
         tls=tls_context(args.tls_cert, args.tls_key) if args.tls_cert else None)
     return serve(args.root, args.host, args.port, options)
 
@@ -607,7 +618,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client, parse_server, read_token_file
     try:
-        host, port = parse_server(args.server or DEFAULT_SERVER)
+        host, port = parse_server(args.server or defaults.SERVER)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     token = _token(args, read_token_file)

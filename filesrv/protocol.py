@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, NoReturn
 
 from .errors import BadPath, BadRequest, FilesrvError, VersionMismatch, error_from_code
 
@@ -75,7 +75,7 @@ def decode_header(payload: bytes) -> dict[str, Any]:
     return header
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not JSON (RFC 8259)")
 
 

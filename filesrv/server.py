@@ -14,9 +14,9 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn
 
-from . import __version__
+from . import __version__, defaults
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
                      IntegrityError, ReadOnly, ServerError, Superseded, TooLarge)
 from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
@@ -24,7 +24,7 @@ from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDi
                        encode_frame, encode_listing, error_reply, greeting, ok_reply,
                        parse_path, parse_request, proof_matches)
 from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage
-from .transport import Channel, PeerClosed
+from .transport import Channel, PeerClosed, format_address, send_file
 
 if TYPE_CHECKING:
     import ssl
@@ -45,29 +45,16 @@ _BATCH_SEND_BYTES = 256 * 1024     # get_files gathers small files into sends of
 class ServerOptions(NamedTuple):
     """Everything `filesrv serve` can be told, with its defaults."""
 
-    buffer_size: int = 1024 * 1024
-    max_children: int = 64
-    idle_timeout: float = 300.0
-    handshake_timeout: float = 10.0
-    grace: float = 30.0
+    buffer_size: int = defaults.BUFFER_SIZE
+    max_children: int = defaults.MAX_CHILDREN
+    idle_timeout: float = defaults.IDLE_TIMEOUT
+    handshake_timeout: float = defaults.HANDSHAKE_TIMEOUT
+    grace: float = defaults.GRACE
     read_only: bool = False
     max_file_size: int | None = None
-    partial_max_age: float = 7 * 24 * 3600.0
+    partial_max_age: float = defaults.PARTIAL_MAX_AGE
     tokens: tuple[bytes, ...] = ()
     tls: ssl.SSLContext | None = None
-
-
-def load_tokens(path: str) -> tuple[bytes, ...]:
-    """Secrets from a token file: one a line; blank lines and '#' comments ignored."""
-    try:
-        with open(path, "rb") as fh:
-            lines = fh.read().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
-    tokens = tuple(t.strip() for t in lines if t.strip() and not t.strip().startswith(b"#"))
-    if not tokens:
-        raise ConfigError(f"token file {path} holds no token")
-    return tokens
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext:
@@ -152,7 +139,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def setup(self) -> None:
         self.options = self.server.options
-        self.peer = _format_address(self.client_address)
+        self.peer = format_address(self.client_address)
         self.buffer: bytearray | None = None  # only uploads need one: forks stay light
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(self.options.idle_timeout)
@@ -322,11 +309,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             f.close()
 
     def _send_file(self, fd: int, offset: int, length: int) -> None:
-        with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
-            try:
-                sent = self.request.sendfile(fh, offset, length) if length else 0
-            except OSError as exc:
-                raise _CloseConnection(f"send failed: {exc.strerror or exc}") from None
+        try:
+            sent = send_file(self.request, fd, offset, length)
+        except OSError as exc:
+            raise _CloseConnection(f"send failed: {exc.strerror or exc}") from None
         self.moved = sent
         if sent != length:  # the file shrank under us; the body can no longer be framed
             raise _CloseConnection("file shrank while it was sent")
@@ -461,7 +447,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             raise BadRequest(f"expected {kind.op!r}, got {request.op!r}")
         return request
 
-    def _fail_mid_body(self, error: FilesrvError) -> None:
+    def _fail_mid_body(self, error: FilesrvError) -> NoReturn:
         """Report an error while the client may still be sending, then close."""
         self._send_error(error)
         if isinstance(error, Superseded):  # its client is gone or stalled: nobody to drain
@@ -694,7 +680,7 @@ class FilesrvServer(socketserver.ForkingTCPServer):
                     pass
             except OSError:
                 pass
-        log(f"{_format_address(client_address)} connect - bytes=0 0.000s busy")
+        log(f"{format_address(client_address)} connect - bytes=0 0.000s busy")
         self.shutdown_request(request)
 
     def finish_request(self, request: socket.socket, client_address: Any) -> None:
@@ -729,7 +715,7 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         exc = sys.exc_info()[1]
         if exc is None or isinstance(exc, (Superseded, _CloseConnection)):
             return  # already reported by the handler
-        log(f"{_format_address(client_address)} connection - internal: {_describe(exc)}")
+        log(f"{format_address(client_address)} connection - internal: {_describe(exc)}")
 
     # -- stopping
 
@@ -780,11 +766,6 @@ class _Abortable:
         self.server._abortable = False
 
 
-def _format_address(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _open_root(root: str, options: ServerOptions) -> Storage:
     """The served root, or a ConfigError that says why it cannot be served."""
     try:
@@ -805,7 +786,7 @@ def _listen(host: str, port: int, storage: Storage, options: ServerOptions) -> F
         raise ConfigError(f"cannot listen on port {port}: a port is 0 to 65535") from None
     except OSError as exc:
         why = exc.strerror or str(exc)
-        raise ConfigError(f"cannot listen on {_format_address((host, port))}: {why}") from None
+        raise ConfigError(f"cannot listen on {format_address((host, port))}: {why}") from None
 
 
 def serve(root: str, host: str, port: int, options: ServerOptions = ServerOptions()) -> int:
@@ -824,8 +805,7 @@ def serve(root: str, host: str, port: int, options: ServerOptions = ServerOption
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    bound_host, bound_port = server.server_address[:2]
-    shown = f"[{bound_host}]:{bound_port}" if ":" in bound_host else f"{bound_host}:{bound_port}"
+    shown = format_address(server.server_address)
     if not options.tokens:
         log("no --token-file: every client that can connect may read and write the root")
     if options.tls is None:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import xxhash
 
+from . import defaults
 from .batches import BatchUpload, lacking
 from .digests import DIGEST_CACHE_MAX, DigestCache
 from .errors import (AlreadyExists, BadPath, FilesrvError, IoError, IsADirectory,
@@ -32,7 +33,7 @@ __all__ = ["Storage", "ReadableFile", "PartialUpload", "BatchUpload", "TAKEOVER_
 class Storage:
     """Owns the served root; all access to it goes through here."""
 
-    def __init__(self, root: str, buffer_size: int = 1024 * 1024) -> None:
+    def __init__(self, root: str, buffer_size: int = defaults.BUFFER_SIZE) -> None:
         self.confined = ConfinedRoot(root)
         self.root = self.confined.path
         self.buffer_size = buffer_size

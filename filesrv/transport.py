@@ -7,6 +7,7 @@ the header read already pulled in), so large bodies are never copied twice.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any, Mapping
 
@@ -84,3 +85,18 @@ class Channel:
             self.sock.close()
         except OSError:
             pass
+
+
+def send_file(sock: socket.socket, fd: int, offset: int, count: int) -> int:
+    """Send `count` bytes of fd from `offset`, zero copy; how many went (fewer when the
+    file shrank meanwhile). OSError as is: the caller knows what a failed send means."""
+    if not count:
+        return 0  # socket.sendfile takes a count of 0 as "up to the end of the file"
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
+        return sock.sendfile(fh, offset, count)
+
+
+def format_address(address: tuple[Any, ...]) -> str:
+    """(host, port, ...) as an address is written: host:port, or [v6 host]:port."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
