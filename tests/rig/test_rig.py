@@ -135,6 +135,16 @@ def test_put_and_get_between_containers_match_xxh128sum(rig: Rig):
     assert got["xxh128"] == digest == rig.xxh128sum("client", "/tmp/back.bin")
 
 
+def test_the_daemon_runs_unprivileged_and_owns_its_volume(rig: Rig):
+    """The image's user, not root, runs `filesrv serve` (PID 1 of the server container)
+    and owns the root on the named volume, so uploads land there as that user."""
+    daemon = rig.sh("server", "ps -o user=,uid=,args= -p 1").stdout.split(None, 2)
+    assert daemon[0] == "filesrv" and daemon[1] != "0" and "filesrv serve" in daemon[2]
+    rig.sh("client", "echo owned > /tmp/owned.txt && filesrv put /tmp/owned.txt owned.txt")
+    owners = rig.sh("server", "stat -c %U /srv/storage /srv/storage/owned.txt").stdout
+    assert owners.split() == ["filesrv", "filesrv"]
+
+
 # ------------------------------------------------------------------ 2. server killed
 
 def through_a_server_kill(rig: Rig, command: str, service: str, partial: str) -> dict:
