@@ -38,6 +38,7 @@ _ERROR_DRAIN_SECONDS = 2.0         # after an error mid-body, read on so the cli
 _KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long later, SIGKILL
 _AUTH_FAILURE_DELAY = 1.0          # slows down guessing; paid by the failing child only
 _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned partials
+HANDSHAKE_SHIELD_SECONDS = 0.5    # a handshake this young is never dropped for a newcomer
 _INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
 _BATCH_SEND_BYTES = 256 * 1024     # get_files gathers small files into sends of this size
 
@@ -564,10 +565,11 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         self.options = options
         self.max_children = options.max_children
         self.active_children: set[int] = set()
-        # Children that have not authenticated yet, oldest first, and those among them
-        # told to go. A child reports its authentication through a pipe (its pid, one
-        # atomic write); a child that dies is forgotten when it is reaped, so nothing leaks.
-        self.unauthenticated: dict[int, None] = {}
+        # Children that have not authenticated yet (pid -> when it was forked), oldest
+        # first, and those among them told to go. A child reports its authentication
+        # through a pipe (its pid, one atomic write); a child that dies is forgotten when
+        # it is reaped, so nothing leaks.
+        self.unauthenticated: dict[int, float] = {}
         self.dropping: set[int] = set()
         self.unauthenticated_limit = max(1, options.max_children // 2)
         self._authenticated_r, self._authenticated_w = os.pipe()
@@ -640,8 +642,9 @@ class FilesrvServer(socketserver.ForkingTCPServer):
             return
         before = set(self.active_children)
         super().process_request(request, client_address)
+        forked_at = time.monotonic()
         for pid in self.active_children - before:  # the child just forked
-            self.unauthenticated[pid] = None
+            self.unauthenticated[pid] = forked_at
 
     def _make_room(self) -> bool:
         """Whether a new connection may have a child; False when every slot holds an
@@ -651,7 +654,10 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         (`unauthenticated_limit`). At that bound, or when every slot is taken, the oldest
         of them is dropped to make room: a client that has the token needs only a few
         round trips to authenticate, while silent sockets would otherwise hold their
-        slots for the whole handshake timeout.
+        slots for the whole handshake timeout. A connection younger than
+        HANDSHAKE_SHIELD_SECONDS is never dropped (the newcomer is refused as busy
+        instead, and its client waits and retries): a flood of short connections must
+        not cut a real client off in the middle of its handshake.
         """
         waiting = [pid for pid in self.unauthenticated if pid not in self.dropping]
         in_use = len(self.active_children) - len(self.dropping)
@@ -660,6 +666,8 @@ class FilesrvServer(socketserver.ForkingTCPServer):
         if not waiting:
             return False
         oldest = waiting[0]
+        if time.monotonic() - self.unauthenticated[oldest] < HANDSHAKE_SHIELD_SECONDS:
+            return False
         self.dropping.add(oldest)  # its slot counts as free from now on
         try:
             os.kill(oldest, signal.SIGALRM)  # its handshake ends (see _Deadline)

@@ -14,6 +14,7 @@ import pytest
 
 from conftest import Daemon, RawConnection, cli, random_file, wait_for
 from filesrv.client import Client
+from filesrv.protocol import Hello
 
 
 def children_of(pid: int) -> list[int]:
@@ -232,3 +233,24 @@ def test_silent_unauthenticated_sockets_never_lock_out_a_client_with_the_token(
         for t in attackers:
             t.join(timeout=5)
     assert "dropped: the oldest of too many unauthenticated" in daemon.log_text()
+
+
+def test_a_flood_of_short_connections_never_cuts_a_client_in_its_handshake(daemon_factory):
+    """A connection in its handshake for less than HANDSHAKE_SHIELD_SECONDS is never
+    dropped to make room: the newcomers are refused as busy (their clients wait and
+    retry) instead of evicting a real client between its greeting and its hello."""
+    daemon = daemon_factory("--max-children", "2")  # at most 1 connection in handshake
+    client = RawConnection(daemon.port, handshake=False)
+    assert client.read_header()["ok"] is True  # the greeting: now in its handshake
+    try:
+        for _ in range(5):  # a burst of connections that arrive while it is young
+            newcomer = RawConnection(daemon.port, handshake=False, timeout=5)
+            try:
+                assert newcomer.read_header()["code"] == "busy"
+            finally:
+                newcomer.close()
+        client.send(Hello().frame())
+        assert client.read_header()["ok"] is True  # never dropped
+        assert client.request({"op": "ls", "path": ""})["ok"] is True
+    finally:
+        client.close()
