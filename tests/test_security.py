@@ -17,6 +17,7 @@ import pytest
 from conftest import (CLI, ENV, RawConnection, cli, cli_json, random_file, start_cli,
                       wait_for, xxh128_of)
 from filesrv.protocol import Hello
+from filesrv.server import HANDSHAKE_SHIELD_SECONDS
 
 TOKEN = "correct-horse-battery-staple-7f3a9c"
 
@@ -319,10 +320,11 @@ def test_handshake_deadline_drops_a_byte_at_a_time_client(daemon_factory, tmp_pa
 def test_slow_clients_do_not_starve_a_new_one(daemon_factory, tmp_path):
     daemon = daemon_factory("--max-children", "3", "--idle-timeout", "2",
                             "--handshake-timeout", "2")
-    drips = [RawConnection(daemon.port, handshake=False) for _ in range(2)]
-    drips.append(RawConnection(daemon.port))  # this one after its hello: a slow request
-    for c in drips[:2]:
-        c.read_header()
+    drips = [RawConnection(daemon.port)]  # this one after its hello: a slow request
+    for _ in range(2):  # each older than the shield when the next one comes
+        time.sleep(HANDSHAKE_SHIELD_SECONDS)
+        drips.append(RawConnection(daemon.port, handshake=False))
+        drips[-1].read_header()
     for c in drips:
         c.send(struct.pack(">I", 1000))  # a header that will take 100 s to arrive
     stop = threading.Event()
