@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .connection import DEFAULT_PORT, parse_server
-from .errors import ConfigError
+from .fileio import read_tokens
 from .retry import DEFAULT_TIMEOUT, RETRIES, Reconnecting, RetryPolicy
 from .sources import TreePlan, plan_local_tree, source_tag
 from .transfer import (DEFAULT_BUFFER_SIZE, NO_CLOBBER, REPLACE, UPDATE, Progress,
@@ -32,14 +32,7 @@ __all__ = ["Client", "TransferResult", "Reconnecting", "RetryPolicy", "RateLimit
 
 def read_token_file(path: str) -> bytes:
     """The first non-blank, non-comment line of a token file."""
-    try:
-        with open(path, "rb") as fh:
-            for line in fh.read().splitlines():
-                if line.strip() and not line.strip().startswith(b"#"):
-                    return line.strip()
-    except OSError as exc:
-        raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from None
-    raise ConfigError(f"token file {path} holds no token")
+    return read_tokens(path)[0]
 
 
 

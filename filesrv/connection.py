@@ -11,19 +11,18 @@ from __future__ import annotations
 import socket
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, TypeVar
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, ProtocolError)
 from .protocol import (PROTOCOL_VERSION, Auth, Hello, auth_proof, check_reply,
                        parse_hello_reply, parse_put_reply)
+from .defaults import PORT as DEFAULT_PORT
 from .retry import DEFAULT_TIMEOUT, RETRIES, Reconnecting, RetryPolicy
-from .transport import Channel, PeerClosed, TornFrame
+from .transport import Channel, PeerClosed, TornFrame, format_address
 
 if TYPE_CHECKING:
     import ssl
-
-DEFAULT_PORT = 8750
 
 _T = TypeVar("_T")
 
@@ -155,7 +154,7 @@ class Connection:
                          "connection slot")
 
     def _open(self, first_request: bytes | None) -> Channel:
-        where = f"{self.host}:{self.port}"
+        where = format_address((self.host, self.port))
         self._hello_pending = False
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -288,7 +287,7 @@ class Connection:
         except OSError as exc:
             self._raise_pending_error(exc)
 
-    def _raise_pending_error(self, exc: OSError) -> None:
+    def _raise_pending_error(self, exc: OSError) -> NoReturn:
         channel = self.channel
         try:
             channel.sock.settimeout(2.0)

@@ -19,6 +19,7 @@ import xxhash
 
 from .durability import Writeback, flush_filesystem
 from .errors import Busy, LocalError, LocalNoSpace
+from .fileio import pwrite_all
 from .hashing import hash_fd_range
 from .protocol import normalize_path
 
@@ -285,9 +286,7 @@ class LocalPartial:
     def write(self, data: memoryview, position: int) -> None:
         self._empty = False
         try:
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], position + done)
+            pwrite_all(self.fd, data, position)
         except OSError as exc:
             kind = LocalNoSpace if exc.errno in (errno.ENOSPC, errno.EDQUOT) else LocalError
             raise kind(f"cannot write {self.path}: {exc.strerror}") from None

@@ -7,10 +7,9 @@ import random
 import time
 from typing import Callable, NamedTuple, TypeVar
 
+from .defaults import RETRIES
+from .defaults import TIMEOUT as DEFAULT_TIMEOUT
 from .errors import ConnectionFailed
-
-DEFAULT_TIMEOUT = 60.0
-RETRIES = 5               # reconnect-and-resume attempts after a connection is cut
 
 _T = TypeVar("_T")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import time
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 import xxhash
 
@@ -120,7 +120,7 @@ def plan_local_tree(local_dir: str) -> TreePlan:
 
 
 
-def _unreadable(exc: OSError) -> None:
+def _unreadable(exc: OSError) -> NoReturn:
     raise LocalError(f"cannot read {shown(exc.filename or '')}: {exc.strerror}")
 
 

@@ -12,6 +12,7 @@ import xxhash
 
 from .commands import RemoteCommands
 from .connection import server_failure
+from .defaults import BUFFER_SIZE as DEFAULT_BUFFER_SIZE
 from .errors import (ConnectionFailed, FilesrvError, IntegrityError, IsADirectory,
                      LocalError, LocalNoSpace, ProtocolError, SourceChanged)
 from .hashing import hash_fd_range
@@ -20,9 +21,8 @@ from .local import (LocalPartial, StreamSink, file_digest, free_bytes, no_local_
 from .protocol import (Commit, Data, Get, Put, normalize_path, parse_commit_reply,
                        parse_get_reply, parse_path, parse_put_reply)
 from .sources import LocalSource, source_tag
-from .transport import TornFrame
+from .transport import TornFrame, send_file
 
-DEFAULT_BUFFER_SIZE = 1024 * 1024
 SMALL_BUFFER = 64 * 1024      # enough for small files; allocating 1 MiB costs ~0.1 ms
 RESUMABLE_BODY = 1024 * 1024  # smaller downloads are not worth a resume record
 
@@ -447,10 +447,8 @@ class FileTransfers(RemoteCommands):
                 progress(position, size)
 
     def _sendfile(self, fd: int, position: int, count: int) -> None:
-        sock = self.channel.sock
         try:
-            with os.fdopen(fd, "rb", buffering=0, closefd=False) as fh:
-                sent = sock.sendfile(fh, position, count)
+            sent = send_file(self.channel.sock, fd, position, count)
         except OSError as exc:
             self._raise_pending_error(exc)
         if sent != count:
