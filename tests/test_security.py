@@ -433,8 +433,9 @@ def test_stale_partials_are_removed_after_their_age(daemon_factory, tmp_path):
     os.utime(old, (time.time() - 7200, time.time() - 7200))
     daemon = daemon_factory("--partial-max-age", "3600", root=root)
     wait_for(lambda: not old.exists(), what="the stale partial to go")
+    # the line is written just after the unlink: waited for, not read at once
+    wait_for(lambda: "removed stale partial" in daemon.log_text(), what="its log line")
     assert fresh.exists()
-    assert "removed stale partial" in daemon.log_text()
 
 
 def child_pids(daemon) -> list[int]:
