@@ -3,13 +3,12 @@ mkdir), and the pipelined hash of a tree, over a Connection."""
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from .connection import Connection
 from .errors import FilesrvError, IsADirectory, NotFound
 from .protocol import (Entry, ListDir, MakeDir, Move, Remove, Stat, StatReply, check_reply,
-                       decode_listing, parse_list_reply, parse_path, parse_removed_reply,
-                       parse_stat_reply)
+                       parse_entry, parse_path, parse_removed_reply, parse_stat_reply)
 
 AHEAD_BYTES = 32 * 1024   # requests sent before their replies are read (PROTOCOL.md 2.5)
 
@@ -25,13 +24,34 @@ class RemoteCommands(Connection):
     def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
         """One directory's entries; recursive: the whole tree, names relative to `path`."""
         parse_path(path, allow_root=True)
-        return self._retrying(lambda: self._ls_once(path, recursive))
+        return self._retrying(lambda: list(self._listing(path, recursive)))
 
-    def _ls_once(self, path: str, recursive: bool) -> list[Entry]:
-        self._request(ListDir(path=path, recursive=recursive).frame())
-        length = self._reply(parse_list_reply)
-        with self._server_failures():
-            return decode_listing(self.channel.read_body(length))
+    def iter_ls(self, path: str = "", recursive: bool = False) -> Iterator[Entry]:
+        """ls, entry by entry as the listing arrives (in chunks): a huge tree is never
+        held whole, here or on the server. Stopping early closes the connection (the
+        rest of the listing is unread); the next command opens a new one. A connection
+        cut before the first chunk is retried as ls does; after it, entries were handed
+        out already and the failure is raised."""
+        parse_path(path, allow_root=True)
+        return self._listing(path, recursive, retry_first=True)
+
+    def _listing(self, path: str, recursive: bool, retry_first: bool = False
+                 ) -> Iterator[Entry]:
+        def first_chunk() -> tuple[Iterator[tuple[list[Any], bool]], list[Any], bool]:
+            self._request(ListDir(path=path, recursive=recursive, chunked=True).frame())
+            chunks = self._chunks(self._reply(check_reply))  # refused: still in step
+            return (chunks, *next(chunks))
+
+        chunks, items, in_step = self._retrying(first_chunk) if retry_first else first_chunk()
+        try:  # in_step: the last chunk is read, nothing of the reply is left unread
+            while True:
+                yield from map(parse_entry, items)
+                if in_step:
+                    return
+                items, in_step = next(chunks)
+        finally:
+            if not in_step:
+                self.close()
 
     def stat(self, path: str) -> StatReply:
         """type ("file"/"dir"), size, mtime and, for files, the XXH3-128 digest."""

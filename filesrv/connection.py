@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, TypeVar
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, ProtocolError)
-from .protocol import (PROTOCOL_VERSION, Auth, Hello, auth_proof, check_reply,
-                       parse_hello_reply, parse_put_reply)
+from .protocol import (PROTOCOL_VERSION, Auth, Hello, auth_proof, check_reply, decode_chunk,
+                       parse_chunk, parse_hello_reply, parse_put_reply)
 from .defaults import PORT as DEFAULT_PORT
 from .retry import DEFAULT_TIMEOUT, RETRIES, Reconnecting, RetryPolicy
 from .transport import Channel, PeerClosed, TornFrame, format_address
@@ -272,6 +272,18 @@ class Connection:
             if mapped is exc:
                 raise
             raise mapped from None
+
+    def _chunks(self, header: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
+        """The items of a chunked reply that starts with `header`, a chunk at a time,
+        and whether that chunk was the last (a server that does not chunk sends one)."""
+        while True:
+            with self._server_failures():
+                chunk = parse_chunk(header)
+                items = decode_chunk(self.channel.read_body(chunk.length), chunk.count)
+            yield items, not chunk.more
+            if not chunk.more:
+                return
+            header = self._reply(lambda h: h)
 
     def _request(self, frame: bytes) -> None:
         """Send the request that starts a command; on a new connection, with the hello."""

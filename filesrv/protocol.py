@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from typing import Any, Mapping, NamedTuple, NoReturn
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple, NoReturn
 
 from .errors import BadPath, BadRequest, FilesrvError, VersionMismatch, error_from_code
 
@@ -26,6 +26,7 @@ MAX_NAME_BYTES = 255
 MAX_TAG_CHARS = 256
 MAX_BATCH_FILES = 1024  # entries in one put_files / get_files request
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a header; the deepest message has 3
+CHUNK_BYTES = 64 * 1024  # a chunked reply sends a chunk as soon as its body holds this much
 SKIP_IDENTICAL = "identical"  # put_files: keep a remote file with the same size and digest
 SKIP_EXISTING = "existing"    # put_files: keep any remote file of that name (--no-clobber)
 RESERVED_NAME = ".filesrv"  # the server's own state directory at the top of the root
@@ -265,11 +266,13 @@ class Auth(Request):
 
 
 class ListDir(Request):
-    __slots__ = ("path", "recursive")
+    """`chunked`: the client reads a chunked reply (§1), so the listing streams."""
+
+    __slots__ = ("path", "recursive", "chunked")
     op = "ls"
 
-    def __init__(self, path: str = "", recursive: bool = False) -> None:
-        self._set(path=path, recursive=recursive)
+    def __init__(self, path: str = "", recursive: bool = False, chunked: bool = False) -> None:
+        self._set(path=path, recursive=recursive, chunked=chunked)
 
 
 class Stat(Request):
@@ -337,13 +340,17 @@ class Commit(Request):
 
 
 class PutFiles(Request):
-    """Many small files in one exchange: (path, size, xxh128) for each."""
+    """Many small files in one exchange: (path, size, xxh128) for each.
 
-    __slots__ = ("files", "skip")
+    `chunked`: the client reads the failures as a chunked reply (§1), however many.
+    """
+
+    __slots__ = ("files", "skip", "chunked")
     op = "put_files"
 
-    def __init__(self, files: list[dict[str, Any]], skip: str = SKIP_IDENTICAL) -> None:
-        self._set(files=files, skip=skip)
+    def __init__(self, files: list[dict[str, Any]], skip: str = SKIP_IDENTICAL,
+                 chunked: bool = False) -> None:
+        self._set(files=files, skip=skip, chunked=chunked)
 
 
 class GetFiles(Request):
@@ -373,7 +380,7 @@ def _parse_put_files(h: Mapping[str, Any]) -> PutFiles:
     skip = _field(h, "skip", str)
     if skip not in (SKIP_IDENTICAL, SKIP_EXISTING):
         raise BadRequest(f"field 'skip' must be {SKIP_IDENTICAL!r} or {SKIP_EXISTING!r}")
-    return PutFiles(files, skip)
+    return PutFiles(files, skip, chunked=_flag(h, "chunked"))
 
 
 def _parse_get_files(h: Mapping[str, Any]) -> GetFiles:
@@ -409,7 +416,8 @@ def _parse_auth(h: Mapping[str, Any]) -> Auth:
 _PARSERS = {
     "hello": _parse_hello,
     "auth": _parse_auth,
-    "ls": lambda h: ListDir(path=_path(h), recursive=_flag(h, "recursive")),
+    "ls": lambda h: ListDir(path=_path(h), recursive=_flag(h, "recursive"),
+                            chunked=_flag(h, "chunked")),
     "stat": lambda h: Stat(path=_path(h)),
     "rm": lambda h: Remove(path=_path(h), recursive=_flag(h, "recursive")),
     "mv": lambda h: Move(src=_path(h, "src"), dst=_path(h, "dst")),
@@ -580,24 +588,87 @@ def parse_need_reply(header: Mapping[str, Any], count: int) -> list[int]:
 
 def parse_placed_reply(header: Mapping[str, Any], count: int) -> dict[int, FilesrvError]:
     """put_files: the files (by index) that could not be placed, with their errors."""
-    failed = {}
-    for item in _field(check_reply(header), "failed", list):
-        if not isinstance(item, dict):
-            raise BadRequest("put_files reply: a 'failed' entry is not an object")
-        index = _count(item, "index")
-        if index >= count:
-            raise BadRequest("put_files reply: 'failed' index out of range")
-        failed[index] = error_from_code(_field(item, "code", str), _field(item, "message", str))
-    return failed
+    return dict(parse_failure(item, count)
+                for item in _field(check_reply(header), "failed", list))
+
+
+def placed_reply(failures: list[dict[str, Any]]) -> dict[str, Any]:
+    """put_files' last reply for a client that did not ask for chunks: every failure,
+    its index and code always, its message shortened (or emptied) if that is what it
+    takes to fit the header limit."""
+    for budget in (None, 256, 64, 16, 0):
+        header = ok_reply(failed=[{**f, "message": f["message"][:budget]}
+                                  for f in failures] if budget is not None else failures)
+        if len(json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+               ) <= MAX_HEADER_SIZE:
+            return header
+    raise AssertionError("1,024 failures without messages always fit a header")
+
+
+def parse_failure(item: Any, count: int) -> tuple[int, FilesrvError]:
+    """One `failed` entry of a put_files reply: the file's index and its error."""
+    if not isinstance(item, dict):
+        raise BadRequest("put_files reply: a 'failed' entry is not an object")
+    index = _count(item, "index")
+    if index >= count:
+        raise BadRequest("put_files reply: 'failed' index out of range")
+    return index, error_from_code(_field(item, "code", str), _field(item, "message", str))
 
 
 def parse_removed_reply(header: Mapping[str, Any]) -> int:
     return _count(check_reply(header), "removed")
 
 
-def parse_list_reply(header: Mapping[str, Any]) -> int:
-    """Length of the listing body that follows."""
-    return _count(check_reply(header), "length")
+# ---------------------------------------------------------------- chunked replies
+
+class Chunk(NamedTuple):
+    """One frame of a chunked reply: `length` body bytes (a JSON array of `count`
+    items) follow; `more` says whether another chunk comes after it."""
+
+    length: int
+    count: int
+    more: bool
+
+
+def encode_chunks(items: Iterable[Any]) -> Iterator[bytes]:
+    """The frames of a chunked reply, each with its body, the last with more=false.
+
+    A chunk leaves as soon as its body holds CHUNK_BYTES, so the sender holds one
+    chunk, never the whole array. No items: one empty chunk.
+    """
+    encoded: list[bytes] = []
+    size = 0
+    for item in items:
+        if size >= CHUNK_BYTES:  # and another item follows: this chunk is not the last
+            yield _chunk_frame(encoded, more=True)
+            encoded, size = [], 0
+        encoded.append(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
+        size += len(encoded[-1]) + 1
+    yield _chunk_frame(encoded, more=False)
+
+
+def _chunk_frame(encoded: list[bytes], *, more: bool) -> bytes:
+    body = b"[" + b",".join(encoded) + b"]"
+    return encode_frame(ok_reply(length=len(body), count=len(encoded), more=more)) + body
+
+
+def parse_chunk(header: Mapping[str, Any]) -> Chunk:
+    """A chunk's header; an error reply raises. A reply without `more` (a server that
+    does not chunk, or an ls without `chunked`) is a single, last chunk."""
+    h = check_reply(header)
+    more = _field(h, "more", bool, optional=True)
+    return Chunk(length=_count(h, "length"), count=_count(h, "count"), more=bool(more))
+
+
+def decode_chunk(body: bytes, count: int) -> list[Any]:
+    """The items of a chunk's body: a JSON array of `count` values."""
+    try:
+        items = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise BadRequest("chunk body is not UTF-8 JSON") from None
+    if not isinstance(items, list) or len(items) != count:
+        raise BadRequest(f"chunk body is not a JSON array of {count} items")
+    return items
 
 
 # ---------------------------------------------------------------- listings
@@ -624,14 +695,16 @@ def decode_listing(body: bytes) -> list[Entry]:
         raise BadRequest("listing body is not UTF-8 JSON") from None
     if not isinstance(items, list):
         raise BadRequest("listing body is not a JSON array")
-    entries = []
-    for item in items:
-        if not isinstance(item, dict):
-            raise BadRequest("listing entry is not an object")
-        kind = _field(item, "type", str)
-        if kind not in ("file", "dir"):
-            raise BadRequest(f"listing entry has unknown type {kind!r}")
-        mtime = _field(item, "mtime", (int, float))
-        entries.append(Entry(name=_field(item, "name", str), type=kind,
-                             size=_count(item, "size"), mtime=float(mtime)))
-    return entries
+    return [parse_entry(item) for item in items]
+
+
+def parse_entry(item: Any) -> Entry:
+    """One entry of a listing, checked."""
+    if not isinstance(item, dict):
+        raise BadRequest("listing entry is not an object")
+    kind = _field(item, "type", str)
+    if kind not in ("file", "dir"):
+        raise BadRequest(f"listing entry has unknown type {kind!r}")
+    mtime = _field(item, "mtime", (int, float))
+    return Entry(name=_field(item, "name", str), type=kind, size=_count(item, "size"),
+                 mtime=float(mtime))

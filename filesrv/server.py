@@ -21,8 +21,8 @@ from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, Filesr
                      IntegrityError, ReadOnly, ServerError, Superseded, TooLarge)
 from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, check_version,
-                       encode_frame, encode_listing, error_reply, greeting, ok_reply,
-                       parse_path, parse_request, proof_matches)
+                       encode_chunks, encode_frame, encode_listing, error_reply, greeting,
+                       ok_reply, parse_path, parse_request, placed_reply, proof_matches)
 from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage
 from .transport import Channel, PeerClosed, format_address, send_file
 
@@ -382,9 +382,13 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
             failed.update(batch.place_all())
         finally:
             batch.discard()
-        self.channel.send_header(ok_reply(failed=[
-            {"index": i, "code": e.code, "message": e.message}
-            for i, e in sorted(failed.items())]))
+        failures = [{"index": i, "code": e.code, "message": e.message}
+                    for i, e in sorted(failed.items())]
+        if request.chunked:  # however many: they need not fit one header
+            for frame in encode_chunks(failures):
+                self.channel.send_frame(frame)
+        else:
+            self.channel.send_header(placed_reply(failures))
 
     def _get_files(self, request: GetFiles) -> None:
         """Many files in one reply: a frame for each (its error, or its bytes after it)."""

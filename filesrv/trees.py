@@ -19,7 +19,7 @@ from .local import (LocalPartial, existing_file, make_local_dir, place_and_close
                     place_together, placement_target)
 from .protocol import (MAX_BATCH_FILES, SKIP_EXISTING, SKIP_IDENTICAL, Data, Entry, GetFiles,
                        PutFiles, check_reply, normalize_path, parse_file_reply,
-                       parse_need_reply, parse_path, parse_placed_reply)
+                       parse_failure, parse_need_reply, parse_path, parse_placed_reply)
 from .sources import TreePlan, file_version, is_settled, plan_local_tree
 from .transfer import (NO_CLOBBER, REPLACE, SMALL_BUFFER, UPDATE, FileTransfers, Progress,
                        RateLimiter, TransferClock, TransferResult, digest_mismatch)
@@ -113,7 +113,7 @@ class TreeTransfers(FileTransfers):
                 pending, pending_bytes = [], 0
         self._send(b"".join(pending))
         sent()
-        failed = self._reply(lambda h: parse_placed_reply(h, len(manifest)))
+        failed = self._placed(len(manifest))
         if failed:
             index, error = min(failed.items())
             raise type(error)(f"{manifest[index]['path']}: {error.message}")
@@ -122,6 +122,16 @@ class TreeTransfers(FileTransfers):
         return [TransferResult(normalize_path(m["path"]), m["size"], 0, m["xxh128"], seconds,
                                i not in wanted, m["size"] if i in wanted else 0)
                 for i, m in enumerate(manifest)]
+
+    def _placed(self, count: int) -> dict[int, FilesrvError]:
+        """put_files' last reply: the failures by index, chunked or (from a server that
+        does not chunk) in the header."""
+        header = self._reply(check_reply)
+        with self._server_failures():
+            if "failed" in header:
+                return parse_placed_reply(header, count)
+            return dict(parse_failure(item, count)
+                        for items, _ in self._chunks(header) for item in items)
 
     def get_tree(self, remote_dir: str, local_dir: str, *, progress: Progress | None = None,
                  overwrite: str = REPLACE, on_file: Callable[[TransferResult], None] | None
@@ -356,7 +366,7 @@ def _read_batch(batch: list[tuple[str, str, int]], skip: str) -> _PutBatch:
         bodies.append(body)
         manifest.append({"path": remote, "size": len(body),
                          "xxh128": xxhash.xxh3_128_hexdigest(body)})
-    return _PutBatch(manifest, bodies, PutFiles(manifest, skip).frame())
+    return _PutBatch(manifest, bodies, PutFiles(manifest, skip, chunked=True).frame())
 
 
 

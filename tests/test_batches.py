@@ -261,3 +261,61 @@ def test_batch_manifest_sizes_are_counted_as_json_writes_the_names():
              "new\nline", "\x7f", "\u2028", "emoji😀", "zero\u200bwidth", "", "\x00"]
     for name in names:
         assert _json_size(name) == len(json.dumps(name, ensure_ascii=False).encode()), name
+
+
+def blocked_batch(count: int) -> list[dict[str, Any]]:
+    """`count` files under b/s/, where `b` is a file on the server, then one good file.
+
+    The names are as short as can be, so the request fits a header; each failure's
+    message ("'b' in the path is not a directory") is longer than its request entry.
+    """
+    digest = xxhash.xxh3_128_hexdigest(b"x")
+    return [{"path": f"b/s/{i}", "size": 1, "xxh128": digest} for i in range(count)] + [
+        {"path": "good.txt", "size": 1, "xxh128": digest}]
+
+
+def chunked_items(conn: RawConnection) -> tuple[list[Any], list[int]]:
+    """Every item of a chunked reply, and the body size of each chunk."""
+    items, lengths = [], []
+    while True:
+        chunk = conn.read_header()
+        assert chunk["ok"] is True, chunk
+        body = json.loads(conn.read_body(chunk["length"]))
+        assert len(body) == chunk["count"]
+        items += body
+        lengths.append(chunk["length"])
+        if not chunk["more"]:
+            return items, lengths
+
+
+def test_put_files_failures_reach_the_client_however_many(daemon):
+    """900 failures do not fit a 64 KiB header: a chunked reply carries them all."""
+    (daemon.root / "b").write_bytes(b"a file, not a directory")
+    files = blocked_batch(900)
+    conn = RawConnection(daemon.port)
+    request = {**PutFiles(files).header(), "chunked": True}
+    assert conn.request(request) == {"ok": True, "need": [900]}
+    conn.send(Data(length=1).frame() + b"x")
+    failed, lengths = chunked_items(conn)
+    assert len(lengths) > 1  # more than one header's worth
+    assert [f["index"] for f in failed] == list(range(900))
+    assert {f["code"] for f in failed} == {"not_a_directory"}
+    assert all("'b'" in f["message"] for f in failed)
+    assert (daemon.root / "good.txt").read_bytes() == b"x"
+    assert conn.request({"op": "stat", "path": "good.txt"})["size"] == 1  # still in step
+    conn.close()
+
+
+def test_put_files_failures_fit_the_header_for_a_client_that_does_not_chunk(daemon):
+    """Today's clients read `failed` from the header: every index and code is there."""
+    (daemon.root / "b").write_bytes(b"a file, not a directory")
+    conn = RawConnection(daemon.port)
+    assert conn.request(PutFiles(blocked_batch(900)).header())["need"] == [900]
+    conn.send(Data(length=1).frame() + b"x")
+    placed = conn.read_header()
+    assert placed["ok"] is True, placed
+    assert [(f["index"], f["code"]) for f in placed["failed"]] == \
+        [(i, "not_a_directory") for i in range(900)]
+    assert conn.request({"op": "stat", "path": "good.txt"})["size"] == 1
+    conn.close()
+

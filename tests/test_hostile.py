@@ -356,7 +356,7 @@ WRONG_VALUES = [None, True, -1, 1.5, "7", [], {}, 2**64, "\x00"]
 def is_wrong(key: str, value, original) -> bool:
     if key == "if_match":  # optional: null or any string is valid
         return not (value is None or isinstance(value, str))
-    if key in ("recursive", "parents"):  # optional flags: null means false
+    if key in ("recursive", "parents", "chunked"):  # optional flags: null means false
         return not (value is None or isinstance(value, bool))
     if isinstance(value, bool) or type(value) is not type(original):
         return True

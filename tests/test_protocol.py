@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -294,3 +295,59 @@ def test_batch_replies_are_checked_against_the_request():
     assert parse_file_reply({"ok": True, "size": 5, "xxh128": "0" * 32, "length": 0}).length == 0
     with pytest.raises(BadRequest):
         parse_file_reply({"ok": True, "size": 5, "xxh128": "0" * 32, "length": 3})
+
+
+# ---------------------------------------------------------------- chunked replies
+
+def read_chunks(stream: bytes) -> tuple[list, list[int]]:
+    """Items and body sizes of a chunked reply, decoded as a client does."""
+    from filesrv.protocol import decode_chunk, parse_chunk
+    buf = FrameBuffer()
+    buf.feed(stream)
+    items, lengths = [], []
+    while True:
+        chunk = parse_chunk(buf.next_header())
+        items += decode_chunk(buf.take_body(chunk.length), chunk.count)
+        lengths.append(chunk.length)
+        if not chunk.more:
+            assert buf.buffered == 0
+            return items, lengths
+
+
+@pytest.mark.parametrize("count", [0, 1, 5000])
+def test_chunked_replies_carry_every_item_in_small_bodies(count):
+    from filesrv.protocol import CHUNK_BYTES, encode_chunks
+    items = [{"name": f"dir/entry-{i:05d}", "size": i} for i in range(count)]
+    widest = max((len(json.dumps(i, separators=(",", ":"))) for i in items), default=0)
+    decoded, lengths = read_chunks(b"".join(encode_chunks(iter(items))))
+    assert decoded == items
+    assert all(n <= CHUNK_BYTES + widest + 2 for n in lengths)
+    assert len(lengths) == max(1, -(-sum(lengths) // (CHUNK_BYTES + widest + 2)))
+
+
+def test_a_reply_without_more_is_one_last_chunk():
+    """What a server that does not chunk sends (the ls reply of protocol 1.0)."""
+    from filesrv.protocol import Chunk, parse_chunk
+    assert parse_chunk({"ok": True, "length": 2, "count": 0}) == Chunk(2, 0, False)
+    with pytest.raises(NotFound):
+        parse_chunk({"ok": False, "code": "not_found", "message": "gone"})
+
+
+def test_a_chunk_body_must_hold_the_count_it_announced():
+    from filesrv.protocol import decode_chunk
+    assert decode_chunk(b'[1,2]', 2) == [1, 2]
+    for body, count in ((b'[1,2]', 3), (b'{"a":1}', 1), (b'[1,', 1), (b'\xff', 0)):
+        with pytest.raises(BadRequest):
+            decode_chunk(body, count)
+
+
+def test_put_files_failures_always_fit_the_header_of_a_client_that_does_not_chunk():
+    from filesrv.protocol import MAX_BATCH_FILES, placed_reply
+    failures = [{"index": i, "code": "not_a_directory", "message": "\x01" * 4096}
+                for i in range(MAX_BATCH_FILES)]
+    reply = placed_reply(failures)
+    assert len(encode_frame(reply)) <= MAX_HEADER_SIZE + PREFIX_SIZE
+    assert [(f["index"], f["code"]) for f in reply["failed"]] == \
+        [(f["index"], f["code"]) for f in failures]
+    few = [{"index": 1, "code": "integrity", "message": "x" * 4096}] * 3
+    assert placed_reply(few)["failed"] == few  # whole when they fit
