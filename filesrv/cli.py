@@ -789,20 +789,28 @@ def _is_stdout(path: str) -> bool:
 
 
 def run_ls(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        entries = client.ls(args.remote, recursive=args.recursive)
-    if args.json:
-        print(json.dumps([e.as_dict() for e in entries], ensure_ascii=False))
-        return 0
-    for e in entries:
-        name = e.name + ("/" if e.type == "dir" else "")
-        if args.long:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
-            size = "-" if e.type == "dir" else format_size(e.size)
-            print(f"{size:>10}  {when}  {name}")
-        else:
-            print(name)
+    with _client(args) as client:  # each entry is printed as it arrives: a huge tree
+        entries = client.iter_ls(args.remote, recursive=args.recursive)  # is never held
+        if args.json:
+            _print_json_array(e.as_dict() for e in entries)
+            return 0
+        for e in entries:
+            name = e.name + ("/" if e.type == "dir" else "")
+            if args.long:
+                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+                size = "-" if e.type == "dir" else format_size(e.size)
+                print(f"{size:>10}  {when}  {name}")
+            else:
+                print(name)
     return 0
+
+
+def _print_json_array(items: Iterator[Any]) -> None:
+    """What print(json.dumps(list(items))) prints, written item by item."""
+    sys.stdout.write("[")
+    for i, item in enumerate(items):
+        sys.stdout.write((", " if i else "") + json.dumps(item, ensure_ascii=False))
+    sys.stdout.write("]\n")
 
 
 def run_rm(args: argparse.Namespace) -> int:

@@ -5,9 +5,10 @@ dicts, shared by the server and the client.  Sockets live in `transport`.
 docs/PROTOCOL.md is the normative description; this module implements it.
 
 A frame is a 4-byte unsigned big-endian length N followed by N bytes of UTF-8
-JSON holding one object (the header).  Three headers announce a body of raw
-bytes that follows the frame immediately: a `data` request, and the ok replies
-to `get` and `ls`; their `length` field gives the body's size.
+JSON holding one object (the header).  Some headers announce a body of raw
+bytes that follows the frame immediately: a `data` request, the ok replies to
+`get` and `ls`, a `get_files` file frame and each chunk of a chunked reply;
+their `length` field gives the body's size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import struct
-from typing import Any, Iterable, Iterator, Mapping, NamedTuple, NoReturn
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, NoReturn
 
 from .errors import BadPath, BadRequest, FilesrvError, VersionMismatch, error_from_code
 
@@ -630,8 +631,10 @@ class Chunk(NamedTuple):
     more: bool
 
 
-def encode_chunks(items: Iterable[Any]) -> Iterator[bytes]:
-    """The frames of a chunked reply, each with its body, the last with more=false.
+def encode_chunks(items: Iterable[Any],
+                  final: Callable[[], Mapping[str, Any]] | None = None) -> Iterator[bytes]:
+    """The frames of a chunked reply, each with its body, the last with more=false
+    (and the fields `final()` returns once the items are all out).
 
     A chunk leaves as soon as its body holds CHUNK_BYTES, so the sender holds one
     chunk, never the whole array. No items: one empty chunk.
@@ -644,12 +647,13 @@ def encode_chunks(items: Iterable[Any]) -> Iterator[bytes]:
             encoded, size = [], 0
         encoded.append(json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode())
         size += len(encoded[-1]) + 1
-    yield _chunk_frame(encoded, more=False)
+    yield _chunk_frame(encoded, more=False, **(final() if final else {}))
 
 
-def _chunk_frame(encoded: list[bytes], *, more: bool) -> bytes:
+def _chunk_frame(encoded: list[bytes], *, more: bool, **fields: Any) -> bytes:
     body = b"[" + b",".join(encoded) + b"]"
-    return encode_frame(ok_reply(length=len(body), count=len(encoded), more=more)) + body
+    return encode_frame(ok_reply(length=len(body), count=len(encoded), more=more, **fields)
+                        ) + body
 
 
 def parse_chunk(header: Mapping[str, Any]) -> Chunk:

@@ -4,6 +4,7 @@ and a handler that owns one connection.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -272,15 +273,26 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _ls(self, request: ListDir) -> None:
         skipped: list[str] = []  # names on disk that are not UTF-8: left out, counted
-        entries = self.server.storage.list_dir(parse_path(request.path, allow_root=True),
-                                               recursive=request.recursive,
-                                               on_skip=skipped.append)
-        body = encode_listing(entries)
-        extra = {"skipped": len(skipped)} if skipped else {}
-        if skipped:
+
+        def left_out() -> dict[str, Any]:
+            if not skipped:
+                return {}
             log(f"{self.peer} ls {request.path[:200]!r} left out {len(skipped)} name(s) "
                 f"that are not valid UTF-8, e.g. {skipped[0][:200]!r}")
-        self.channel.send_header(ok_reply(length=len(body), count=len(entries), **extra))
+            return {"skipped": len(skipped)}
+
+        entries = self.server.storage.iter_dir(parse_path(request.path, allow_root=True),
+                                               recursive=request.recursive,
+                                               on_skip=skipped.append)
+        with contextlib.closing(entries):  # a listing cut short closes its directory
+            if request.chunked:  # streamed: the child holds one chunk, not the tree
+                for frame in encode_chunks((e.as_dict() for e in entries), final=left_out):
+                    self.channel.send_frame(frame)
+                    self.moved += len(frame)
+                return
+            listed = list(entries)  # a client that does not chunk: one body
+        body = encode_listing(listed)
+        self.channel.send_header(ok_reply(length=len(body), count=len(listed), **left_out()))
         self.channel.send_bytes(body)
         self.moved = len(body)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable
+from typing import Callable, Iterator
 
 import xxhash
 
@@ -64,7 +64,14 @@ class Storage:
 
     def list_dir(self, parts: tuple[str, ...], recursive: bool = False,
                  on_skip: Callable[[str], None] | None = None) -> list[Entry]:
-        """Entries of one directory, or (recursive) of its whole tree with relative names.
+        """iter_dir's entries, all at once."""
+        return list(self.iter_dir(parts, recursive, on_skip))
+
+    def iter_dir(self, parts: tuple[str, ...], recursive: bool = False,
+                 on_skip: Callable[[str], None] | None = None) -> Iterator[Entry]:
+        """Entries of one directory, or (recursive) of its whole tree with relative names,
+        sorted by name and yielded as the walk goes: what is held is the entries not yet
+        yielded of the directories on the current path, never the whole tree.
 
         A recursive walk does not descend into symlinked directories (no cycles). Each
         subdirectory is opened from its parent's fd (O_NOFOLLOW), not resolved again from
@@ -72,17 +79,14 @@ class Storage:
         is not valid UTF-8 cannot be sent: it is left out (a directory with all it holds)
         and `on_skip` is told, with the name escaped.
         """
-        entries: list[Entry] = []
         top_fd = self.confined.open_dir(parts)
         try:
             walk = DirWalk(top_fd)
         finally:
             os.close(top_fd)
         try:
-            # depth first; for each directory on the way down, its subdirectories to visit
-            pending = [self._list_one(parts, walk.fd, "", entries, on_skip)]
-            if not recursive:
-                pending[0] = []
+            # depth first; for each directory on the way down, what is left of it
+            pending = [self._sorted_level(parts, walk.fd, "", on_skip, recursive)]
             where = list(parts)
             while pending:
                 if not pending[-1]:
@@ -91,7 +95,11 @@ class Storage:
                         walk.up()
                         where.pop()
                     continue
-                name = pending[-1].pop()
+                key, entry = pending[-1].pop()
+                if entry is not None:
+                    yield entry
+                    continue
+                name = key[:-1]  # "name/": the subtree of name comes here in the order
                 try:
                     walk.down(name)
                 except (FileNotFoundError, NotADirectoryError):
@@ -102,13 +110,30 @@ class Storage:
                     raise
                 where.append(name)
                 prefix = "/".join(where[len(parts):]) + "/"
-                pending.append(self._list_one(tuple(where), walk.fd, prefix, entries, on_skip))
+                pending.append(self._sorted_level(tuple(where), walk.fd, prefix, on_skip,
+                                                  True))
         except OSError as exc:  # e.g. a directory the daemon may not read: say so
             raise io_error(exc, "listing a directory") from None
         finally:
             walk.close()
-        entries.sort(key=lambda e: e.name)
-        return entries
+
+    def _sorted_level(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
+                      on_skip: Callable[[str], None] | None, descend: bool
+                      ) -> list[tuple[str, Entry | None]]:
+        """One directory's entries by name, and (descend) for each real subdirectory the
+        key "name/" of its subtree, sorted last first (they are taken with pop()).
+
+        All names under "d/" sort together, right where "d/" sorts among the names of
+        d's siblings ("d" < "d-x" < "d.x" < "d/..." < "d0"): so walking each subtree when
+        its key comes up yields the whole tree sorted by relative name.
+        """
+        entries: list[Entry] = []
+        subdirs = self._list_one(parts, dir_fd, prefix, entries, on_skip)
+        keyed: list[tuple[str, Entry | None]] = [(e.name[len(prefix):], e) for e in entries]
+        if descend:
+            keyed += [(name + "/", None) for name in subdirs]
+        keyed.sort(key=lambda item: item[0], reverse=True)
+        return keyed
 
     def _list_one(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
                   entries: list[Entry], on_skip: Callable[[str], None] | None) -> list[str]:

@@ -121,7 +121,7 @@ LISTING = encode_listing([Entry("a.txt", "file", 3, 1.0), Entry("sub", "dir", 0,
 def good_reply(request: dict[str, Any]) -> tuple[bytes, bytes]:
     """(header frame, body) of a correct answer to an ls or a get of f.bin."""
     if request["op"] == "ls":
-        return encode_frame(ok_reply(length=len(LISTING))), LISTING
+        return encode_frame(ok_reply(length=len(LISTING), count=2)), LISTING
     offset = request["offset"]
     header = ok_reply(size=len(BODY), offset=offset, length=len(BODY) - offset, etag="e1",
                       xxh128=xxhash.xxh3_128_hexdigest(BODY))
