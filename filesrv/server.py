@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn
 
 from . import __version__, defaults
 from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
-                     IntegrityError, ReadOnly, ServerError, Superseded, TooLarge)
+                     IntegrityError, NotADirectory, ReadOnly, ServerError, Superseded,
+                     TooLarge)
 from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, check_version,
                        encode_chunks, encode_frame, encode_listing, error_reply, greeting,
@@ -486,6 +487,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         if kind == "dir":
             self.channel.send_header(ok_reply(type="dir", size=0, mtime=st.st_mtime))
             return
+        if request.path.endswith("/"):
+            raise _not_a_directory(request.path)
         f = storage.open_for_read(parts)  # refuses what is not a regular file
         try:
             self.channel.send_header(ok_reply(type="file", size=f.size, mtime=st.st_mtime,
@@ -499,15 +502,25 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _rm(self, request: Remove) -> None:
         self._writable()
-        removed = self.server.storage.remove(parse_path(request.path, allow_root=True),
-                                             request.recursive)
+        parts = parse_path(request.path, allow_root=True)
+        if request.path.endswith("/"):
+            self._require_dir(parts, request.path)
+        removed = self.server.storage.remove(parts, request.recursive)
         self.channel.send_header(ok_reply(removed=removed))
 
     def _mv(self, request: Move) -> None:
         self._writable()
-        self.server.storage.move(parse_path(request.src, allow_root=True),
-                                 parse_path(request.dst, allow_root=True))
+        src = parse_path(request.src, allow_root=True)
+        dst = parse_path(request.dst, allow_root=True)
+        if request.src.endswith("/") or request.dst.endswith("/"):
+            self._require_dir(src, request.src)  # only a directory can take "DST/"
+        self.server.storage.move(src, dst)
         self.channel.send_header(ok_reply())
+
+    def _require_dir(self, parts: tuple[str, ...], shown: str) -> None:
+        """A trailing / names a directory (PROTOCOL.md §4): `parts` must be one."""
+        if parts and self.server.storage.stat_entry(parts)[0] != "dir":
+            raise _not_a_directory(shown)
 
     def _mkdir(self, request: MakeDir) -> None:
         self._writable()
@@ -530,6 +543,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _log(self, op: str, path: str, moved: int, seconds: float, result: str) -> None:
         log(f"{self.peer} {op} {path!r} bytes={moved} {seconds:.3f}s {result}")
+
+
+def _not_a_directory(path: str) -> NotADirectory:
+    return NotADirectory(f"{path.rstrip('/')!r} is not a directory (a trailing / names one)")
 
 
 class _Deadline:
