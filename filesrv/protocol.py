@@ -691,6 +691,15 @@ class Entry(NamedTuple):
         return self._asdict()
 
 
+def encode_array(items: Iterable[Any]) -> Iterator[bytes]:
+    """A JSON array as compact UTF-8, a piece per item: the whole never in memory."""
+    yield b"["
+    for i, item in enumerate(items):
+        yield (b"," if i else b"") + json.dumps(item, separators=(",", ":"),
+                                                ensure_ascii=False).encode()
+    yield b"]"
+
+
 def encode_listing(entries: list[Entry]) -> bytes:
     return json.dumps([e.as_dict() for e in entries], separators=(",", ":"),
                       ensure_ascii=False).encode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, Filesr
                      TooLarge)
 from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
                        PutFiles, Remove, Stat, check_version,
-                       encode_chunks, encode_frame, encode_listing, error_reply, greeting,
+                       encode_array, encode_chunks, encode_frame, error_reply, greeting,
                        ok_reply, parse_path, parse_request, placed_reply, proof_matches)
 from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage
 from .transport import Channel, PeerClosed, format_address, send_file
@@ -43,6 +44,7 @@ _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned pa
 HANDSHAKE_SHIELD_SECONDS = 0.5    # a handshake this young is never dropped for a newcomer
 _INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
 _BATCH_SEND_BYTES = 256 * 1024     # get_files gathers small files into sends of this size
+_LISTING_IN_MEMORY = 1024 * 1024   # a larger unchunked listing is spooled to disk, not held
 
 
 class ServerOptions(NamedTuple):
@@ -291,11 +293,30 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                     self.channel.send_frame(frame)
                     self.moved += len(frame)
                 return
-            listed = list(entries)  # a client that does not chunk: one body
-        body = encode_listing(listed)
-        self.channel.send_header(ok_reply(length=len(body), count=len(listed), **left_out()))
-        self.channel.send_bytes(body)
-        self.moved = len(body)
+            # a client that does not chunk: one body with its length in front; past
+            # _LISTING_IN_MEMORY the listing is spooled to disk as it is walked
+            listed = _Counted(e.as_dict() for e in entries)
+            pieces = encode_array(listed)
+            held: list[bytes] = []
+            size = 0
+            for piece in pieces:
+                held.append(piece)
+                size += len(piece)
+                if size > _LISTING_IN_MEMORY:
+                    fd, length = self.server.storage.spool(itertools.chain(held, pieces))
+                    break
+            else:
+                body = b"".join(held)
+                self.channel.send_frame(encode_frame(ok_reply(
+                    length=len(body), count=listed.count, **left_out())) + body)
+                self.moved = len(body)
+                return
+        try:
+            self.channel.send_header(ok_reply(length=length, count=listed.count,
+                                              **left_out()))
+            self._send_file(fd, 0, length)
+        finally:
+            os.close(fd)
 
     def _get(self, request: Get) -> None:
         storage = self.server.storage
@@ -543,6 +564,22 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
 
     def _log(self, op: str, path: str, moved: int, seconds: float, result: str) -> None:
         log(f"{self.peer} {op} {path!r} bytes={moved} {seconds:.3f}s {result}")
+
+
+class _Counted:
+    """An iterator that counts what it hands out."""
+
+    def __init__(self, items: Iterator[Any]) -> None:
+        self.items = items
+        self.count = 0
+
+    def __iter__(self) -> "_Counted":
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self.items)
+        self.count += 1
+        return item
 
 
 def _not_a_directory(path: str) -> NotADirectory:

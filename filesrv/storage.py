@@ -13,7 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from typing import Callable, Iterator
+import time
+from typing import Callable, Iterable, Iterator
 
 import xxhash
 
@@ -116,6 +117,40 @@ class Storage:
             raise io_error(exc, "listing a directory") from None
         finally:
             walk.close()
+
+    def spool(self, pieces: Iterable[bytes]) -> tuple[int, int]:
+        """`pieces` written to an anonymous file on the root's disk (gone once closed):
+        (its fd, the caller's to close, and its length). For what must be sent with
+        its length in front but must not sit in memory (a listing in one body)."""
+        try:
+            fd = os.open(".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600,
+                         dir_fd=self.uploads.partials_fd)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                raise io_error(exc, "creating a spool file") from None
+            fd = self._unlinked_file()  # a file system without O_TMPFILE
+        try:
+            with os.fdopen(os.dup(fd), "wb", closefd=True) as out:  # buffered writes
+                for piece in pieces:
+                    out.write(piece)
+                length = out.tell()
+        except OSError as exc:
+            os.close(fd)
+            raise io_error(exc, "spooling a reply") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, length
+
+    def _unlinked_file(self) -> int:
+        name = f"spool-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600, dir_fd=self.uploads.partials_fd)
+            os.unlink(name, dir_fd=self.uploads.partials_fd)
+        except OSError as exc:
+            raise io_error(exc, "creating a spool file") from None
+        return fd
 
     def _sorted_level(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
                       on_skip: Callable[[str], None] | None, descend: bool

@@ -234,3 +234,78 @@ def test_a_client_reads_the_single_body_of_a_server_that_does_not_chunk():
             assert client.ls("") == listed
     finally:
         server.close()
+
+
+def linked_tree(root: Path, dirs: int, per_dir: int = 1000) -> int:
+    """dirs directories of per_dir hard links to one file each (cheap: no inodes)."""
+    import os
+    for d in range(dirs):
+        directory = root / f"d{d:03d}"
+        directory.mkdir(parents=True)
+        seed = directory / "f0000"
+        seed.write_bytes(b"x")
+        for i in range(1, per_dir):
+            os.link(seed, directory / f"f{i:04d}")
+    return dirs * (per_dir + 1)
+
+
+def daemon_children(daemon) -> set[int]:
+    return {int(c) for t in Path(f"/proc/{daemon.proc.pid}/task").iterdir()
+            for c in (t / "children").read_text().split()}
+
+
+def serving_child_peak_mib(daemon, listing: Callable[[RawConnection], None]) -> float:
+    """Peak RSS (VmHWM) of the child that served `listing` on a connection of its own."""
+    before = daemon_children(daemon)  # an earlier connection's child may not be gone yet
+    conn = RawConnection(daemon.port)
+    try:
+        listing(conn)
+        (child,) = daemon_children(daemon) - before
+        status = Path(f"/proc/{child}/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    finally:
+        conn.close()
+
+
+def test_a_large_listing_never_sits_in_the_serving_childs_memory(daemon):
+    """40,040 entries (~3 MiB of JSON, ~20 MiB as Python objects): neither a chunked nor
+    a one-body listing makes the child grow by more than a few MiB."""
+    made = linked_tree(daemon.root / "t", 40)
+
+    def tiny(conn: RawConnection) -> None:
+        assert conn.request({"op": "ls", "path": ""})["count"] == 1
+
+    def one_body(conn: RawConnection) -> None:
+        reply = conn.request({"op": "ls", "path": "t", "recursive": True})
+        assert reply["count"] == made
+        assert len(json.loads(conn.read_body(reply["length"]))) == made
+
+    def chunked(conn: RawConnection) -> None:
+        conn.send(ListDir("t", recursive=True, chunked=True).frame())
+        assert sum(len(items) for _, items in chunks_of(conn)) == made
+
+    baseline = serving_child_peak_mib(daemon, tiny)
+    for listing in (one_body, chunked):
+        grew = serving_child_peak_mib(daemon, listing) - baseline
+        assert grew < 8, f"{listing.__name__}: the child grew by {grew:.1f} MiB"
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_a_spooled_reply_is_on_disk_under_no_name(tmp_path, monkeypatch, tmpfile):
+    import errno
+    import os
+    storage = Storage(str(tmp_path / "root"))
+    if not tmpfile:  # a file system without O_TMPFILE: a file unlinked at once
+        real_open = os.open
+
+        def no_tmpfile(path, flags, *args, **kwargs):
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(errno.EOPNOTSUPP, "not supported")
+            return real_open(path, flags, *args, **kwargs)
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    fd, length = storage.spool(iter([b"[", b"1,", b"2]"]))
+    try:
+        assert (length, os.pread(fd, 100, 0)) == (5, b"[1,2]")
+        assert list((tmp_path / "root" / ".filesrv" / "partials").iterdir()) == []
+    finally:
+        os.close(fd)
