@@ -11,12 +11,13 @@ import functools
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from . import __version__, defaults
-from .errors import (AlreadyExists, ConfigError, FilesrvError, IsADirectory, LocalError,
-                     NotADirectory, NotFound)
+from .errors import (EXIT_STATUSES, AlreadyExists, ConfigError, FilesrvError, IsADirectory,
+                     LocalError, NamesLeftOut, NotADirectory, NotFound)
 
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 _BUFFER_SIZE_TEXT = f"{defaults.BUFFER_SIZE // _UNITS['M']}M"  # as --buffer-size takes it
@@ -44,11 +45,8 @@ FILESRV_BUFFER_SIZE; flags take 1/0, true/false) and from a TOML file: serve's
 sections name servers for -s NAME. The command line wins, then the environment,
 then the file.
 
-exit status: 0 ok, 1 other failure, 2 usage or configuration, 3 connection,
-4 not found or wrong type, 5 refused request, path, size or read-only, 6
-integrity, 7 no space or I/O error on the server, 8 busy, 9 local file error,
-10 authentication failed, 11 malformed reply from the server, 130 interrupted.
-"""
+""" + textwrap.fill("exit status: " + ", ".join(
+    f"{status} {meaning}" for status, meaning in EXIT_STATUSES.items()) + ".", width=80) + "\n"
 
 SERVE_EXAMPLES = """\
   filesrv serve                        serve ./storage on 127.0.0.1:8750 until Ctrl-C
@@ -618,7 +616,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client, parse_server, read_token_file
     try:
-        host, port = parse_server(args.server or defaults.SERVER)
+        host, port = parse_server(defaults.SERVER if args.server is None else args.server)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     token = _token(args, read_token_file)
@@ -697,7 +695,20 @@ def run_get_tree(args: argparse.Namespace) -> int:
                                       overwrite=args.overwrite, on_file=bar.file_done,
                                       listing=listing)
     _report_tree("downloaded", remote, results, time.monotonic() - started, client, args)
+    if listing.names_left_out:  # a backup that lacks files must not look complete
+        raise NamesLeftOut(_left_out(listing.names_left_out))
     return 0
+
+
+def _left_out(count: int) -> str:
+    """The line for names on the server that a listing could not carry (PROTOCOL.md §4)."""
+    names = "1 name on the server is" if count == 1 else f"{count} names on the server are"
+    return f"{names} not UTF-8 and {'was' if count == 1 else 'were'} left out"
+
+
+def _warn_left_out(listing: Any) -> None:
+    if listing.names_left_out:
+        print(f"filesrv: {_left_out(listing.names_left_out)}", file=sys.stderr, flush=True)
 
 
 def _report_tree(verb: str, where: str, results: list[Any], seconds: float, client: Any,
@@ -711,8 +722,13 @@ def _report_tree(verb: str, where: str, results: list[Any], seconds: float, clie
     if client.reconnects:  # the client's count: a batch's files share their reconnects
         times = "once" if client.reconnects == 1 else f"{client.reconnects} times"
         reconnected = f", {client.reconnect_seconds:.2f} s spent reconnecting {times}"
-    print(f"{verb} {where}: {len(results) - skipped} files ({format_size(moved)}) in "
-          f"{seconds:.2f} s{reconnected}, {skipped} already there and skipped", flush=True)
+    print(f"{verb} {where}: {_counted(len(results) - skipped, 'file')} ({format_size(moved)}) "
+          f"in {seconds:.2f} s{reconnected}, {skipped} already there and skipped", flush=True)
+
+
+def _counted(n: int, noun: str) -> str:
+    """'1 file', '2 files': the count with its noun in the number it takes."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _sources_and_target(paths: list[str]) -> tuple[list[str], str | None, bool]:
@@ -793,15 +809,17 @@ def run_ls(args: argparse.Namespace) -> int:
         entries = client.iter_ls(args.remote, recursive=args.recursive)  # is never held
         if args.json:
             _print_json_array(e.as_dict() for e in entries)
-            return 0
-        for e in entries:
-            name = e.name + ("/" if e.type == "dir" else "")
-            if args.long:
-                when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
-                size = "-" if e.type == "dir" else format_size(e.size)
-                print(f"{size:>10}  {when}  {name}")
-            else:
-                print(name)
+        else:
+            for e in entries:
+                name = e.name + ("/" if e.type == "dir" else "")
+                if args.long:
+                    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.mtime))
+                    size = "-" if e.type == "dir" else format_size(e.size)
+                    print(f"{size:>10}  {when}  {name}")
+                else:
+                    print(name)
+    sys.stdout.flush()
+    _warn_left_out(entries)  # after the listing, where it is seen
     return 0
 
 
@@ -904,8 +922,10 @@ def run_hash(args: argparse.Namespace) -> int:
                 continue
             if not args.recursive:
                 raise IsADirectory(f"{remote} is a directory (use -r)")
-            for name, size, digest in client.hash_tree(remote):
+            listing = client.ls(remote.rstrip("/"), recursive=True)
+            for name, size, digest in client.hash_tree(remote, listing=listing):
                 _print_digest(args, name, size, digest)
+            _warn_left_out(listing)
     return 0
 
 

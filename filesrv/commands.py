@@ -7,8 +7,8 @@ from typing import Any, Iterator
 
 from .connection import Connection
 from .errors import FilesrvError, IsADirectory, NotFound
-from .protocol import (Entry, ListDir, MakeDir, Move, Remove, Stat, StatReply, check_reply,
-                       parse_entry, parse_path, parse_removed_reply, parse_stat_reply)
+from .protocol import (Entry, Listing, ListDir, MakeDir, Move, Remove, Stat, StatReply,
+                       check_reply, parse_entry, parse_path, parse_removed_reply, parse_stat_reply)
 
 AHEAD_BYTES = 32 * 1024   # requests sent before their replies are read (PROTOCOL.md 2.5)
 
@@ -18,28 +18,47 @@ def join_path(base: str, rel: str) -> str:
     return f"{base}/{rel}" if base else rel
 
 
+class LiveListing:
+    """The entries of a listing as they arrive; `names_left_out` is known at its end."""
+
+    names_left_out: int = 0
+    entries: Iterator[Entry] = iter(())
+
+    def __iter__(self) -> Iterator[Entry]:
+        return self.entries
+
+
 class RemoteCommands(Connection):
     """The commands on remote names, retried after a cut where that is safe."""
 
-    def ls(self, path: str = "", recursive: bool = False) -> list[Entry]:
-        """One directory's entries; recursive: the whole tree, names relative to `path`."""
+    def ls(self, path: str = "", recursive: bool = False) -> Listing:
+        """One directory's entries; recursive: the whole tree, names relative to `path`.
+        Its `names_left_out`: how many names the server could not list (not UTF-8)."""
         parse_path(path, allow_root=True)
-        return self._retrying(lambda: list(self._listing(path, recursive)))
 
-    def iter_ls(self, path: str = "", recursive: bool = False) -> Iterator[Entry]:
+        def once() -> Listing:
+            listing = Listing()
+            listing.extend(self._listing(path, recursive, listing))
+            return listing
+        return self._retrying(once)
+
+    def iter_ls(self, path: str = "", recursive: bool = False) -> "LiveListing":
         """ls, entry by entry as the listing arrives (in chunks): a huge tree is never
         held whole, here or on the server. Stopping early closes the connection (the
         rest of the listing is unread); the next command opens a new one. A connection
         cut before the first chunk is retried as ls does; after it, entries were handed
-        out already and the failure is raised."""
+        out already and the failure is raised. Once it is exhausted, its
+        `names_left_out` says how many names the server could not list."""
         parse_path(path, allow_root=True)
-        return self._listing(path, recursive, retry_first=True)
+        live = LiveListing()
+        live.entries = self._listing(path, recursive, live, retry_first=True)
+        return live
 
-    def _listing(self, path: str, recursive: bool, retry_first: bool = False
-                 ) -> Iterator[Entry]:
+    def _listing(self, path: str, recursive: bool, listing: Any,
+                 retry_first: bool = False) -> Iterator[Entry]:
         def first_chunk() -> tuple[Iterator[tuple[list[Any], bool]], list[Any], bool]:
             self._request(ListDir(path=path, recursive=recursive, chunked=True).frame())
-            chunks = self._chunks(self._reply(check_reply))  # refused: still in step
+            chunks = self._chunks(self._reply(check_reply), listing)  # refused: in step
             return (chunks, *next(chunks))
 
         chunks, items, in_step = self._retrying(first_chunk) if retry_first else first_chunk()
@@ -75,14 +94,18 @@ class RemoteCommands(Connection):
             raise IsADirectory(f"{path!r} is a directory")
         return info.xxh128
 
-    def hash_tree(self, remote_dir: str) -> Iterator[tuple[str, int, str]]:
+    def hash_tree(self, remote_dir: str, listing: list[Entry] | None = None
+                  ) -> Iterator[tuple[str, int, str]]:
         """(name relative to remote_dir, size, XXH3-128) of every file in a tree.
 
         The stat requests go out many at a time (up to AHEAD_BYTES), not a round
-        trip each.
+        trip each. `listing`: the tree's `ls(remote_dir, recursive=True)` if the caller
+        has it.
         """
         base = remote_dir.rstrip("/")
-        files = [e for e in self.ls(base, recursive=True) if e.type == "file"]
+        if listing is None:
+            listing = self.ls(base, recursive=True)
+        files = [e for e in listing if e.type == "file"]
         start = 0
         while start < len(files):
             names, frames, size = [], [], 0

@@ -8,6 +8,7 @@ send requests and read replies through it, and retry through its RetryPolicy.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 from contextlib import contextmanager
@@ -38,6 +39,8 @@ def parse_server(address: str) -> tuple[str, int]:
         host, port = address, ""
     if not host:
         raise ValueError(f"no host in {address!r}")
+    if ":" in host and not _is_ipv6(host):  # not a name, and not an address either
+        raise ValueError(f"bad server address {address!r} (HOST:PORT, or [IPV6]:PORT)")
     try:
         number = int(port) if port else DEFAULT_PORT
     except ValueError:
@@ -45,6 +48,15 @@ def parse_server(address: str) -> tuple[str, int]:
     if not 0 < number < 65536:
         raise ValueError(f"port out of range in {address!r}")
     return host, number
+
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 
@@ -273,13 +285,18 @@ class Connection:
                 raise
             raise mapped from None
 
-    def _chunks(self, header: dict[str, Any]) -> Iterator[tuple[list[Any], bool]]:
+    def _chunks(self, header: dict[str, Any], listing: Any = None
+                ) -> Iterator[tuple[list[Any], bool]]:
         """The items of a chunked reply that starts with `header`, a chunk at a time,
-        and whether that chunk was the last (a server that does not chunk sends one)."""
+        and whether that chunk was the last (a server that does not chunk sends one).
+        A listing's last chunk says how many names the server left out: set on
+        `listing.names_left_out` when given."""
         while True:
             with self._server_failures():
                 chunk = parse_chunk(header)
                 items = decode_chunk(self.channel.read_body(chunk.length), chunk.count)
+            if listing is not None and not chunk.more:
+                listing.names_left_out = chunk.skipped
             yield items, not chunk.more
             if not chunk.more:
                 return

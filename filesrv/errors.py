@@ -160,6 +160,14 @@ class SourceChanged(FilesrvError):
     exit_status = 12
 
 
+class NamesLeftOut(FilesrvError):
+    """Client side only: a tree download finished without the server's names that are
+    not UTF-8 (the protocol cannot carry them, PROTOCOL.md §4); everything else arrived."""
+
+    code = "names_left_out"
+    exit_status = 13
+
+
 class LocalNoSpace(LocalError):
     """Client side only: the local filesystem has no room for a download."""
 
@@ -171,6 +179,18 @@ class ServerError(FilesrvError):
 
     code = "internal"
     exit_status = 1
+
+
+# What each exit status of the CLI means: `filesrv --help` prints this table, and a test
+# holds it, the error types' statuses and the README's list to the same numbers.
+EXIT_STATUSES: dict[int, str] = {
+    0: "ok", 1: "other failure", 2: "usage or configuration", 3: "connection",
+    4: "not found or wrong type", 5: "refused request, path, size or read-only",
+    6: "integrity", 7: "no space or I/O error on the server", 8: "busy",
+    9: "local file error", 10: "authentication failed",
+    11: "malformed reply from the server", 12: "source changed during transfer",
+    13: "get -r left out server names that are not UTF-8", 130: "interrupted",
+}
 
 
 ERRORS_BY_CODE: dict[str, type[FilesrvError]] = {

@@ -633,6 +633,7 @@ class Chunk(NamedTuple):
     length: int
     count: int
     more: bool
+    skipped: int = 0  # a listing's last chunk: names left out (not UTF-8, §4)
 
 
 def encode_chunks(items: Iterable[Any],
@@ -665,7 +666,9 @@ def parse_chunk(header: Mapping[str, Any]) -> Chunk:
     does not chunk, or an ls without `chunked`) is a single, last chunk."""
     h = check_reply(header)
     more = _field(h, "more", bool, optional=True)
-    return Chunk(length=_count(h, "length"), count=_count(h, "count"), more=bool(more))
+    skipped = _count(h, "skipped") if h.get("skipped") is not None else 0
+    return Chunk(length=_count(h, "length"), count=_count(h, "count"), more=bool(more),
+                 skipped=skipped)
 
 
 def decode_chunk(body: bytes, count: int) -> list[Any]:
@@ -680,6 +683,13 @@ def decode_chunk(body: bytes, count: int) -> list[Any]:
 
 
 # ---------------------------------------------------------------- listings
+
+class Listing(list["Entry"]):
+    """The entries of an `ls` reply, and how many names the server left out of them
+    (not UTF-8, PROTOCOL.md §4): the user is told, never silently shown less."""
+
+    names_left_out: int = 0
+
 
 class Entry(NamedTuple):
     name: str
