@@ -782,7 +782,11 @@ def run_get(args: argparse.Namespace) -> int:
             if os.path.isdir(local):
                 local = os.path.join(local, name)
             elif local.endswith(os.sep):
+                if os.path.lexists(local.rstrip(os.sep)):  # there, but not a directory
+                    raise LocalError(f"{local} is not a directory")
                 raise LocalError(f"no such local directory {local}")
+            if remote.endswith("/"):  # names a directory, as in a shell: say which it is
+                _refuse_remote_dir(client, remote)
             into_stdout = _is_stdout(local)
             with ProgressBar(f"get {remote}", args) as bar:
                 client.on_retry = bar.retrying
@@ -794,6 +798,13 @@ def run_get(args: argparse.Namespace) -> int:
             with contextlib.redirect_stdout(sys.stderr if into_stdout else sys.stdout):
                 _report("downloaded", result, args)
     return 0
+
+
+def _refuse_remote_dir(client: Any, remote: str) -> None:
+    """`get DIR/`: a directory needs -r; `get FILE/`: a file is not a directory."""
+    if client.stat(remote.rstrip("/")).type == "dir":
+        raise IsADirectory(f"{remote} is a directory (use -r)")
+    raise NotADirectory(f"{remote}: {remote.rstrip('/')} is a file, not a directory")
 
 
 def _is_stdout(path: str) -> bool:

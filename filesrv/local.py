@@ -69,9 +69,11 @@ def free_bytes(folder: str) -> int | None:
 
 
 
-def no_local_space(partial: "LocalPartial", needed: int, free: int, held: int
-                    ) -> LocalNoSpace:
+def no_local_space(partial: "LocalPartial", needed: int, free: int) -> LocalNoSpace:
     """The message for a download that does not fit: the numbers, and what is kept."""
+    # the partial's size on disk, not the bytes counted: a write that ran out of space
+    # midway kept what it wrote, and a re-run resumes from all of it
+    held = os.fstat(partial.fd).st_size
     if held and os.path.exists(partial.meta_path):
         kept = (f"the {_bytes(held)} received are kept in {shown(partial.path)}: free some "
                 "space and run the same command again to resume")
@@ -196,6 +198,8 @@ class StreamSink:
             done = 0
             while done < len(data):
                 done += os.write(self.fd, data[done:])
+        except BrokenPipeError:  # its reader went away (`get x /dev/stdout | head`): the
+            raise  # CLI ends quietly by SIGPIPE as coreutils do, not with an error
         except OSError as exc:
             raise LocalError(f"cannot write {self.path}: {exc.strerror}") from None
         self.written = position + len(data)

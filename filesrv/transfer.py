@@ -303,7 +303,7 @@ class FileTransfers(RemoteCommands):
             free = free_bytes(partial.folder)
             if free is not None and length > free:  # fail before the first byte, not the last
                 self.close()  # the body stays unread
-                raise no_local_space(partial, length, free, offset)
+                raise no_local_space(partial, length, free)
         if progress:
             progress(position, size)
         while position < end:
@@ -322,7 +322,7 @@ class FileTransfers(RemoteCommands):
                 self.close()
                 assert isinstance(partial, LocalPartial)  # only its writes say LocalNoSpace
                 raise no_local_space(partial, end - position,
-                                     free_bytes(partial.folder) or 0, position) from None
+                                     free_bytes(partial.folder) or 0) from None
             hasher.update(chunk)
             position += got
             limiter.consume(got)

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
-from conftest import CLI, ENV, REPO, cli
+from conftest import CLI, ENV, REPO, cli, random_file, wait_for
 from filesrv import errors
 from filesrv.errors import EXIT_STATUSES, FilesrvError
 
@@ -139,3 +140,118 @@ def test_an_ipv6_address_still_parses_bare_and_in_brackets():
     assert parse_server("::1") == ("::1", 8750)
     assert parse_server("[::1]:9") == ("::1", 9)
     assert parse_server("host:12") == ("host", 12)
+
+
+# ---------------------------------------------------------------- item 2: a pipe closed early
+
+def test_a_download_through_stdout_into_a_pipe_closed_early_ends_quietly_by_sigpipe(
+        daemon, tmp_path: Path):
+    """`filesrv get huge.bin /dev/stdout | head -c 10`, with a link of our own to
+    /proc/self/fd/1: as coreutils, killed by SIGPIPE (141 in a shell), stderr empty."""
+    random_file(daemon.root / "huge.bin", 8 * 1024 * 1024)  # far more than a pipe holds
+    stdout = tmp_path / "stdout"
+    stdout.symlink_to("/proc/self/fd/1")
+    proc = subprocess.Popen([*CLI, "get", "-s", daemon.address, "--no-progress", "huge.bin",
+                             str(stdout)], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert len(proc.stdout.read(10)) == 10
+        proc.stdout.close()  # as head does once it has its 10 bytes
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGPIPE, (proc.returncode, err)
+    assert err == b""
+
+
+# ---------------------------------------------------------------- item 4: names ending in /
+
+def test_get_of_a_remote_directory_with_a_trailing_slash_says_use_r(daemon, tmp_path: Path):
+    (daemon.root / "isos").mkdir()
+    (daemon.root / "isos" / "a.iso").write_bytes(b"a")
+    here = tmp_path / "here"
+    here.mkdir()
+    r = run("get", "-s", daemon.address, "isos/", cwd=here)
+    no_traceback(r)
+    assert r.returncode == 4, r.stderr
+    assert r.stderr == "filesrv: isos/ is a directory (use -r)\n"
+    assert list(here.iterdir()) == []
+
+
+def test_get_of_a_remote_file_with_a_trailing_slash_says_it_is_a_file(daemon, tmp_path: Path):
+    (daemon.root / "a.iso").write_bytes(b"a")
+    here = tmp_path / "here"
+    here.mkdir()
+    r = run("get", "-s", daemon.address, "a.iso/", cwd=here)
+    no_traceback(r)
+    assert r.returncode == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "not a directory" in r.stderr and "empty path component" not in r.stderr
+    assert list(here.iterdir()) == []
+
+
+def test_get_into_a_local_file_named_with_a_trailing_slash_says_it_is_not_a_directory(
+        daemon, tmp_path: Path):
+    (daemon.root / "big.iso").write_bytes(b"iso")
+    photo = tmp_path / "photos" / "p1.jpg"
+    photo.parent.mkdir()
+    photo.write_bytes(b"jpeg")
+    r = run("get", "-s", daemon.address, "big.iso", "photos/p1.jpg/", cwd=tmp_path)
+    no_traceback(r)
+    assert r.returncode == 9, r.stderr
+    assert r.stderr == "filesrv: photos/p1.jpg/ is not a directory\n"
+    assert photo.read_bytes() == b"jpeg" and sorted(os.listdir(photo.parent)) == ["p1.jpg"]
+    missing = run("get", "-s", daemon.address, "big.iso", "nowhere/", cwd=tmp_path)
+    assert missing.returncode == 9 and "no such local directory nowhere/" in missing.stderr
+
+
+# ---------------------------------------------------------------- item 5: bytes kept
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_out_of_space_mid_get_states_the_bytes_actually_kept(daemon, small_tmpfs: Path):
+    """The space runs out in the middle of a write (a few KiB left, less than a read):
+    the partial holds more than the bytes counted before that write, and the message
+    says what it holds, the number a re-run resumes from."""
+    random_file(daemon.root / "big.bin", 6 * 1024 * 1024)
+    dest = small_tmpfs / "big.bin"
+    partial = small_tmpfs / ".big.bin.filesrv-part"
+    get = subprocess.Popen([*CLI, "get", "-s", daemon.address, "--limit-rate", "2M",
+                            "--buffer-size", "1M", "--no-progress", "big.bin", str(dest)],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: partial.exists() and partial.stat().st_size > 1024 * 1024,
+                 what="the download to start")
+        os.kill(get.pid, signal.SIGSTOP)  # while the space is taken, it writes nothing
+        try:
+            st = os.statvfs(small_tmpfs)
+            leave = 3 * 4096  # less than one read: the next write is cut short
+            (small_tmpfs / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave))
+        finally:
+            os.kill(get.pid, signal.SIGCONT)
+        _, err = get.communicate(timeout=60)
+    finally:
+        if get.poll() is None:
+            get.kill()
+            get.wait(timeout=10)
+    assert get.returncode == 9, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    kept = re.search(r"the .* \((\d+) bytes\) received are kept in (\S+):", err)
+    assert kept is not None, err
+    assert int(kept.group(1)) == partial.stat().st_size, (err, partial.stat().st_size)
+    assert kept.group(2) == str(partial)
