@@ -129,7 +129,7 @@ def test_a_resumed_trees_rate_leaves_out_the_bytes_already_there(daemon, tmp_pat
                                             "--limit-rate", "1M", "--buffer-size", "64K",
                                             "t", str(dest))
     assert status == 0, drawn
-    assert b"1 files (2.0 MiB)" in stdout and b"40 already there" in stdout
+    assert b"1 file (2.0 MiB)" in stdout and b"40 already there" in stdout
     rates = rates_drawn(drawn)
     assert rates, drawn
     # 2 MiB moved at 1 MiB/s; counting the 26 MiB already there as moved showed tens of
