@@ -3,7 +3,7 @@ mkdir), and the pipelined hash of a tree, over a Connection."""
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Generator, Iterator
 
 from .connection import Connection
 from .errors import FilesrvError, IsADirectory, NotFound
@@ -18,14 +18,19 @@ def join_path(base: str, rel: str) -> str:
     return f"{base}/{rel}" if base else rel
 
 
-class LiveListing:
-    """The entries of a listing as they arrive; `names_left_out` is known at its end."""
+class LiveListing(Iterator[Entry]):
+    """The entries of a listing as they arrive (a generator's next and close);
+    `names_left_out` is known once the last entry is out."""
 
     names_left_out: int = 0
-    entries: Iterator[Entry] = iter(())
+    entries: Generator[Entry, None, None]
 
-    def __iter__(self) -> Iterator[Entry]:
-        return self.entries
+    def __next__(self) -> Entry:
+        return next(self.entries)
+
+    def close(self) -> None:
+        """Stop early: the rest of the listing is never read."""
+        self.entries.close()
 
 
 class RemoteCommands(Connection):
