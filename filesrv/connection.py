@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, TypeVar
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, ProtocolError)
 from .protocol import (PROTOCOL_VERSION, Auth, Hello, auth_proof, check_reply, decode_chunk,
-                       parse_chunk, parse_hello_reply, parse_put_reply)
+                       parse_chunk, parse_hello_reply)
 from .defaults import PORT as DEFAULT_PORT
 from .retry import DEFAULT_TIMEOUT, RETRIES, Reconnecting, RetryPolicy
 from .transport import Channel, PeerClosed, TornFrame, format_address
@@ -326,7 +326,8 @@ class Connection:
             raise ConnectionFailed(f"connection to the server broke: {exc}") from None
         self.close()
         with self._server_failures():
-            parse_put_reply(header)  # raises the server's error
+            check_reply(header)  # an error: the server's reason, raised as itself
+        # any other reply answers a request sent ahead: the connection was just cut
         raise ConnectionFailed(f"connection to the server broke: {exc}")
 
     def _retrying(self, attempt: Callable[[], _T]) -> _T:

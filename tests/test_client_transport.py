@@ -467,3 +467,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def reply_then_reset_mid_upload(conn: socket.socket, request: dict[str, Any]) -> None:
+    """Accept the put, then, while its bytes flow, send a reply that is not an error
+    (as a reply to a request sent ahead would be) and reset the connection."""
+    conn.sendall(encode_frame(ok_reply(offset=0)))
+    conn.recv(65536)  # the upload is under way
+    conn.sendall(encode_frame(ok_reply(count=1)))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_send_cut_after_a_reply_that_is_not_an_error_is_a_connection_failure(
+        fake_server, tmp_path):
+    """When a send breaks, a reply waiting on the socket is the server's reason only if it
+    is an error; any other reply (to a request sent ahead) means the connection was cut:
+    exit 3, retried, never 'malformed reply' (exit 11)."""
+    server = fake_server(reply_then_reset_mid_upload)
+    source = tmp_path / "big.bin"
+    source.write_bytes(os.urandom(64 * 1024 * 1024))
+    r = subprocess.run([*CLI, "put", "-s", server.address, "--timeout", "10", "--retries",
+                        "1", str(source), "big.bin"], env=ENV, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 3, r.stderr
+    assert len(server.requests) == 2  # asked again once
+    assert "Traceback" not in r.stderr
