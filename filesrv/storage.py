@@ -1,7 +1,8 @@
 """The one object the daemon's handlers ask about files (as pyftpdlib's AbstractedFS).
 
-It reads, lists and manages the root itself, and hands the rest to the rooms that own it:
+It reads and manages the root itself, and hands the rest to the rooms that own it:
   root.py      ConfinedRoot: path resolution, confined to the root; opening files
+  listing.py   directory listings and tree walks, yielded sorted
   digests.py   DigestCache: XXH3-128 of served files, kept across connections
   uploads.py   Uploads, PartialUpload: partials, placement, the trash, the stale sweep
   batches.py   BatchUpload: put_files, received and placed as a batch
@@ -23,7 +24,8 @@ from .batches import BatchUpload, lacking
 from .digests import DIGEST_CACHE_MAX, DigestCache
 from .errors import (AlreadyExists, BadPath, FilesrvError, IoError, IsADirectory,
                      NotADirectory, NotFound)
-from .protocol import RESERVED_NAME, Entry
+from .listing import iter_dir
+from .protocol import Entry
 from .root import ConfinedRoot, DirWalk, ReadableFile, io_error
 from .uploads import TAKEOVER_SIGNAL, PartialUpload, Uploads
 
@@ -70,53 +72,9 @@ class Storage:
 
     def iter_dir(self, parts: tuple[str, ...], recursive: bool = False,
                  on_skip: Callable[[str], None] | None = None) -> Iterator[Entry]:
-        """Entries of one directory, or (recursive) of its whole tree with relative names,
-        sorted by name and yielded as the walk goes: what is held is the entries not yet
-        yielded of the directories on the current path, never the whole tree.
-
-        A recursive walk does not descend into symlinked directories (no cycles). Each
-        subdirectory is opened from its parent's fd (O_NOFOLLOW), not resolved again from
-        the root, and only one directory is held open however deep the tree. A name that
-        is not valid UTF-8 cannot be sent: it is left out (a directory with all it holds)
-        and `on_skip` is told, with the name escaped.
-        """
-        top_fd = self.confined.open_dir(parts)
-        try:
-            walk = DirWalk(top_fd)
-        finally:
-            os.close(top_fd)
-        try:
-            # depth first; for each directory on the way down, what is left of it
-            pending = [self._sorted_level(parts, walk.fd, "", on_skip, recursive)]
-            where = list(parts)
-            while pending:
-                if not pending[-1]:
-                    pending.pop()
-                    if walk.depth:
-                        walk.up()
-                        where.pop()
-                    continue
-                key, entry = pending[-1].pop()
-                if entry is not None:
-                    yield entry
-                    continue
-                name = key[:-1]  # "name/": the subtree of name comes here in the order
-                try:
-                    walk.down(name)
-                except (FileNotFoundError, NotADirectoryError):
-                    continue  # removed since it was listed
-                except OSError as exc:
-                    if exc.errno == errno.ELOOP:
-                        continue  # replaced by a symlink since it was listed
-                    raise
-                where.append(name)
-                prefix = "/".join(where[len(parts):]) + "/"
-                pending.append(self._sorted_level(tuple(where), walk.fd, prefix, on_skip,
-                                                  True))
-        except OSError as exc:  # e.g. a directory the daemon may not read: say so
-            raise io_error(exc, "listing a directory") from None
-        finally:
-            walk.close()
+        """Entries of one directory, or (recursive) of its tree, sorted, as the walk goes
+        (see listing.iter_dir)."""
+        return iter_dir(self.confined, parts, recursive, on_skip)
 
     def spool(self, pieces: Iterable[bytes]) -> tuple[int, int]:
         """`pieces` written to an anonymous file on the root's disk (gone once closed):
@@ -151,66 +109,6 @@ class Storage:
         except OSError as exc:
             raise io_error(exc, "creating a spool file") from None
         return fd
-
-    def _sorted_level(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
-                      on_skip: Callable[[str], None] | None, descend: bool
-                      ) -> list[tuple[str, Entry | None]]:
-        """One directory's entries by name, and (descend) for each real subdirectory the
-        key "name/" of its subtree, sorted last first (they are taken with pop()).
-
-        All names under "d/" sort together, right where "d/" sorts among the names of
-        d's siblings ("d" < "d-x" < "d.x" < "d/..." < "d0"): so walking each subtree when
-        its key comes up yields the whole tree sorted by relative name.
-        """
-        entries: list[Entry] = []
-        subdirs = self._list_one(parts, dir_fd, prefix, entries, on_skip)
-        keyed: list[tuple[str, Entry | None]] = [(e.name[len(prefix):], e) for e in entries]
-        if descend:
-            keyed += [(name + "/", None) for name in subdirs]
-        keyed.sort(key=lambda item: item[0], reverse=True)
-        return keyed
-
-    def _list_one(self, parts: tuple[str, ...], dir_fd: int, prefix: str,
-                  entries: list[Entry], on_skip: Callable[[str], None] | None) -> list[str]:
-        """Append one directory's entries (names after `prefix`); its real subdirectories."""
-        subdirs = []
-        with os.scandir(dir_fd) as it:
-            for item in it:
-                if item.name == RESERVED_NAME and self._is_state_dir(item):
-                    continue  # also when the root is listed through a symlink to it
-                if not _is_utf8(item.name):
-                    if on_skip is not None:
-                        on_skip(prefix + item.name.encode("utf-8", "surrogateescape")
-                                .decode("ascii", "backslashreplace"))
-                    continue
-                entry = self._entry(parts, item, prefix + item.name)
-                if entry is None:
-                    continue
-                entries.append(entry)
-                if entry.type == "dir" and item.is_dir(follow_symlinks=False):
-                    subdirs.append(item.name)
-        subdirs.reverse()  # visited by pop(): in the order they were read
-        return subdirs
-
-    def _is_state_dir(self, item: os.DirEntry) -> bool:
-        try:
-            st = item.stat(follow_symlinks=False)
-        except OSError:
-            return False
-        return (st.st_dev, st.st_ino) == self.confined.state_identity
-
-    def _entry(self, parts: tuple[str, ...], item: os.DirEntry, name: str) -> Entry | None:
-        try:
-            st = item.stat(follow_symlinks=False)
-            if stat.S_ISLNK(st.st_mode):
-                st = self.confined.stat_entry(parts + (item.name,))[1]
-        except (OSError, FilesrvError):
-            return None  # dangling, or leading outside the root: not ours to show
-        if stat.S_ISDIR(st.st_mode):
-            return Entry(name, "dir", 0, st.st_mtime)
-        if stat.S_ISREG(st.st_mode):
-            return Entry(name, "file", st.st_size, st.st_mtime)
-        return None
 
     # ------------------------------------------------------------ management
 
@@ -317,18 +215,6 @@ class Storage:
         """Delete one replaced file, or (name None) every one left by a cut-short child."""
         self.uploads.empty_trash(name)
 
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name on disk whose bytes are not UTF-8: Python carries them as
-    surrogate escapes, which no JSON reply can hold."""
-    if name.isascii():
-        return True
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _remove_tree(parent_fd: int, name: str) -> int:
