@@ -1,14 +1,13 @@
-"""The daemon: a ForkingTCPServer that owns the listening socket and the children,
-and a handler that owns one connection.
+"""The daemon: a ForkingTCPServer that owns the listening socket and the children
+(slots, the bound on unauthenticated connections, drain on stop), and the handler of one
+connection's lifecycle (TLS, greeting, hello, auth, the command loop, the one mapping of
+what ends a command or a connection). The commands themselves are handlers.py's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import itertools
 import os
-import re
 import signal
 import socket
 import socketserver
@@ -16,18 +15,17 @@ import struct
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import __version__, defaults
-from .errors import (AuthFailed, BadRange, BadRequest, Busy, ConfigError, FilesrvError,
-                     IntegrityError, NotADirectory, ReadOnly, ServerError, Superseded,
-                     TooLarge)
-from .protocol import (Auth, Commit, Data, Get, GetFiles, Hello, ListDir, MakeDir, Move, Put,
-                       PutFiles, Remove, Stat, check_version,
-                       encode_array, encode_chunks, encode_frame, error_reply, greeting,
-                       ok_reply, parse_path, parse_request, placed_reply, proof_matches)
-from .storage import TAKEOVER_SIGNAL, PartialUpload, ReadableFile, Storage
-from .transport import Channel, PeerClosed, format_address, send_file
+from .daemonlog import describe, log
+from .errors import (AuthFailed, BadRequest, Busy, ConfigError, FilesrvError, ServerError,
+                     Superseded)
+from .handlers import CloseConnection, Handlers, run_command
+from .protocol import (Auth, Hello, check_version, encode_frame, error_reply, greeting, ok_reply,
+                       parse_request, proof_matches)
+from .storage import TAKEOVER_SIGNAL, Storage
+from .transport import Channel, PeerClosed, format_address
 
 if TYPE_CHECKING:
     import ssl
@@ -37,14 +35,10 @@ if TYPE_CHECKING:
 # copied, pages copied on first write): ~0.1 ms per MiB on this machine kind.
 
 DRAIN_SIGNAL = signal.SIGUSR2      # parent to child: finish the current command, then close
-_ERROR_DRAIN_SECONDS = 2.0         # after an error mid-body, read on so the client sees it
 _KILL_AFTER_SECONDS = 3.0          # after the grace period, SIGTERM; this long later, SIGKILL
 _AUTH_FAILURE_DELAY = 1.0          # slows down guessing; paid by the failing child only
 _STALE_SWEEP_SECONDS = 3600.0      # how often the daemon looks for abandoned partials
 HANDSHAKE_SHIELD_SECONDS = 0.5    # a handshake this young is never dropped for a newcomer
-_INLINE_BODY = 64 * 1024           # get bodies up to this size go out with their header
-_BATCH_SEND_BYTES = 256 * 1024     # get_files gathers small files into sends of this size
-_LISTING_IN_MEMORY = 1024 * 1024   # a larger unchunked listing is spooled to disk, not held
 
 
 class ServerOptions(NamedTuple):
@@ -78,61 +72,6 @@ def _is_tls_error(exc: OSError) -> bool:
     return isinstance(exc, ssl.SSLError)
 
 
-# Anything a client sent may reach the log: these never reach it raw, so a request can never
-# end a line and forge one of its own (C0 and C1 controls, DEL, line and paragraph
-# separators, bidirectional overrides).
-_UNPRINTABLE_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
-_LOG_FD = 2
-_unwritten_lines = 0  # log lines this process could not write (each process its own count)
-
-
-def _escape(text: str) -> str:
-    return _UNPRINTABLE_RE.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
-
-
-def log(message: str) -> None:
-    """Write one line to stderr, control characters escaped; never raises.
-
-    The service never depends on its log: a line that cannot be written (the reader of a
-    log pipe went away, the log's disk is full, EIO) is dropped and counted, and the count
-    is reported by the next line that can be written.
-    """
-    global _unwritten_lines
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    line = f"{stamp} {_escape(message)}\n"
-    if _unwritten_lines:
-        line = f"{stamp} ({_unwritten_lines} earlier log line(s) could not be written)\n" + line
-    try:
-        _write_all(line.encode("utf-8", "backslashreplace"))
-    except OSError:
-        _unwritten_lines += 1
-    else:
-        _unwritten_lines = 0
-
-
-def _write_all(data: bytes) -> None:
-    # straight to the descriptor, one write per line where the OS allows: lines from
-    # concurrent children never interleave, and nothing stays buffered after a failure
-    view = memoryview(data)
-    while view:
-        written = os.write(_LOG_FD, view)
-        if not written:
-            raise OSError("the log accepts no bytes")
-        view = view[written:]
-
-
-def _describe(exc: BaseException) -> str:
-    """An unexpected exception in one line: its repr and where it was raised."""
-    import traceback  # only on the path of a bug
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-    return f"{type(exc).__name__}: {str(exc)[:200]}{where}"
-
-
-class _CloseConnection(Exception):
-    """The connection cannot continue (framing lost, an error mid-body, shutting down)."""
-
-
 class _HandshakeTimeout(TimeoutError):
     pass
 
@@ -145,9 +84,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def setup(self) -> None:
         self.options = self.server.options
         self.peer = format_address(self.client_address)
-        self.buffer: bytearray | None = None  # only uploads need one: forks stay light
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(self.options.idle_timeout)
+        # what the command handlers see of this connection (handlers.py)
+        self.session = Handlers(self.server, self.request, self.options, self.peer)
 
     def handle(self) -> None:
         """The connection's life. Whatever ends it, from any frame in any phase, is
@@ -156,7 +96,8 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         try:
             with _Deadline(self.options.handshake_timeout):
                 self._start_tls()
-                self.channel = Channel(self.request)
+                self.session.request = self.request  # the TLS wrapper, if any
+                self.channel = self.session.channel = Channel(self.request)
                 self._handshake()
             self.phase = "connection"
             while True:
@@ -167,7 +108,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 self._run(header)
                 if self.server.draining:
                     return
-        except (_CloseConnection, PeerClosed):
+        except (CloseConnection, PeerClosed):
             pass  # reported already, or a client that left between frames
         except Exception as exc:
             result, error = self._outcome(exc)
@@ -178,7 +119,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _outcome(self, exc: Exception) -> tuple[str, FilesrvError | None]:
         """How an exception that ends a command or a connection is logged, and the error
         reply the client gets (None: it cannot or need not be told)."""
-        if isinstance(exc, _CloseConnection):
+        if isinstance(exc, CloseConnection):
             return str(exc) or "closed", None
         if isinstance(exc, PeerClosed):
             return "client closed the connection", None
@@ -193,7 +134,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 return f"tls handshake failed: {getattr(exc, 'reason', None) or exc}", None
             return f"io: {exc.strerror or exc}", None
         # a bug (RecursionError, TypeError...): report it, keep the daemon, drop the connection
-        return f"internal: {_describe(exc)}", ServerError("internal server error")
+        return f"internal: {describe(exc)}", ServerError("internal server error")
 
     def finish(self) -> None:
         if self.options.tls is not None:  # the TLS wrapper is a second socket object
@@ -215,7 +156,7 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         except FilesrvError as exc:
             self._log("hello", "-", 0, 0.0, exc.code)
             self._send_error(exc)
-            raise _CloseConnection() from None
+            raise CloseConnection() from None
         if nonce is None:
             self._handshake_succeeded()
         self.channel.send_header(greeting(f"filesrv/{__version__}", None))
@@ -242,24 +183,22 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
         time.sleep(_AUTH_FAILURE_DELAY)
         self._send_error(AuthFailed("authentication failed: the server refused the "
                                     + ("token" if proof else "connection without a token")))
-        raise _CloseConnection()
+        raise CloseConnection()
 
     def _run(self, header: dict[str, Any]) -> None:
         started = time.monotonic()
         op = str(header.get("op", "?"))[:16]
         path = str(header.get("path", "-"))[:200]
-        self.moved = 0
+        session = self.session
+        session.moved = 0
 
         def done(result: str) -> None:
-            self._log(op, path, self.moved, time.monotonic() - started, result)
+            self._log(op, path, session.moved, time.monotonic() - started, result)
 
         self.server.in_command = True
         try:
             request = parse_request(header)
-            handler = self._dispatch.get(type(request))
-            if handler is None:
-                raise BadRequest(f"{request.op!r} is not valid here")
-            handler(self, request)
+            run_command(session, request)  # the command table's policy, then its handler
         except Exception as exc:
             result, error = self._outcome(exc)
             done(result)
@@ -267,323 +206,18 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
                 self._send_error(error)
             if isinstance(exc, FilesrvError):
                 return  # refused cleanly: the connection stays in sync
-            raise _CloseConnection() from None
+            raise CloseConnection() from None
         finally:
             self.server.in_command = False
         done("ok")
 
-    # -- commands
-
-    def _ls(self, request: ListDir) -> None:
-        skipped: list[str] = []  # names on disk that are not UTF-8: left out, counted
-
-        def left_out() -> dict[str, Any]:
-            if not skipped:
-                return {}
-            log(f"{self.peer} ls {request.path[:200]!r} left out {len(skipped)} name(s) "
-                f"that are not valid UTF-8, e.g. {skipped[0][:200]!r}")
-            return {"skipped": len(skipped)}
-
-        entries = self.server.storage.iter_dir(parse_path(request.path, allow_root=True),
-                                               recursive=request.recursive,
-                                               on_skip=skipped.append)
-        with contextlib.closing(entries):  # a listing cut short closes its directory
-            if request.chunked:  # streamed: the child holds one chunk, not the tree
-                for frame in encode_chunks((e.as_dict() for e in entries), final=left_out):
-                    self.channel.send_frame(frame)
-                    self.moved += len(frame)
-                return
-            # a client that does not chunk: one body with its length in front; past
-            # _LISTING_IN_MEMORY the listing is spooled to disk as it is walked
-            listed = _Counted(e.as_dict() for e in entries)
-            pieces = encode_array(listed)
-            held: list[bytes] = []
-            size = 0
-            for piece in pieces:
-                held.append(piece)
-                size += len(piece)
-                if size > _LISTING_IN_MEMORY:
-                    fd, length = self.server.storage.spool(itertools.chain(held, pieces))
-                    break
-            else:
-                body = b"".join(held)
-                self.channel.send_frame(encode_frame(ok_reply(
-                    length=len(body), count=listed.count, **left_out())) + body)
-                self.moved = len(body)
-                return
-        try:
-            self.channel.send_header(ok_reply(length=length, count=listed.count,
-                                              **left_out()))
-            self._send_file(fd, 0, length)
-        finally:
-            os.close(fd)
-
-    def _get(self, request: Get) -> None:
-        storage = self.server.storage
-        f = storage.open_for_read(parse_path(request.path))
-        try:
-            offset = request.offset
-            if request.if_match is not None and request.if_match != f.etag:
-                offset = 0  # the file changed since the first attempt: never splice
-            if offset > f.size:
-                raise BadRange(f"offset {offset} is beyond the end ({f.size} bytes)")
-            length = f.size - offset
-            inline = f.size <= _INLINE_BODY  # one read for digest and body, one send
-            if inline:
-                data, digest = storage.read_small(f)
-            else:
-                data, digest = b"", storage.digest_of(f)
-            self.channel.send_frame(encode_frame(ok_reply(
-                size=f.size, offset=offset, length=length, etag=f.etag, xxh128=digest))
-                + data[offset:])
-            if inline:
-                self.moved = length
-            else:
-                self._send_file(f.fd, offset, length)
-        finally:
-            f.close()
-
-    def _send_file(self, fd: int, offset: int, length: int) -> None:
-        try:
-            sent = send_file(self.request, fd, offset, length)
-        except OSError as exc:
-            raise _CloseConnection(f"send failed: {exc.strerror or exc}") from None
-        self.moved = sent
-        if sent != length:  # the file shrank under us; the body can no longer be framed
-            raise _CloseConnection("file shrank while it was sent")
-
-    def _put(self, request: Put) -> None:
-        self._writable()
-        limit = self.options.max_file_size
-        if limit is not None and request.size > limit:
-            raise TooLarge(f"{request.size} bytes exceeds the server's limit of {limit}")
-        parts = parse_path(request.path)
-        upload = self.server.storage.begin_upload(parts, request.size, request.source)
-        in_sync = False  # False while the client may be sending body bytes
-        try:
-            self.channel.send_header(ok_reply(offset=upload.resume_offset))
-            data = self._expect(Data)
-            if data.length != request.size - upload.resume_offset:
-                raise BadRequest(f"data length {data.length} != size - offset "
-                                 f"({request.size - upload.resume_offset})")
-            self._receive_into(upload, data.length)
-            commit = self._expect(Commit)
-            in_sync = True
-            digest = upload.commit(commit.xxh128)
-            self.channel.send_header(ok_reply(size=request.size, xxh128=digest))
-            upload.release_replaced()
-        except FilesrvError as exc:
-            upload.close()  # let a retry take the partial while we report
-            if in_sync:
-                raise
-            self._fail_mid_body(exc)
-        finally:
-            upload.close()
-
-    def _put_files(self, request: PutFiles) -> None:
-        """Small files in one exchange: which do you need, their bytes, where each landed."""
-        self._writable()
-        storage = self.server.storage
-        files = [(parse_path(f["path"]), f["size"], f["xxh128"]) for f in request.files]
-        limit = self.options.max_file_size
-        failed: dict[int, FilesrvError] = {
-            index: TooLarge(f"{size} bytes exceeds the server's limit of {limit}")
-            for index, (_, size, _) in enumerate(files) if limit is not None and size > limit}
-        need, refused = storage.lacking(
-            {index: f for index, f in enumerate(files) if index not in failed}, request.skip)
-        failed.update(refused)
-        self.channel.send_header(ok_reply(need=need))
-        batch = storage.begin_batch()
-        try:
-            try:
-                data = self._expect(Data)
-            except BadRequest as exc:  # out of step: what follows may be body bytes
-                self._fail_mid_body(exc)
-            if data.length != sum(files[i][1] for i in need):
-                self._fail_mid_body(BadRequest(f"data length {data.length} is not the sum "
-                                               "of the needed files' sizes"))
-            try:
-                for index in need:
-                    parts, size, digest = files[index]
-                    if batch.receive(index, self._body(size)) == digest:
-                        batch.received_whole(index, parts)
-                    else:
-                        failed[index] = IntegrityError(
-                            f"{'/'.join(parts)}: XXH3-128 of the received bytes does not "
-                            "match the client's; not placed")
-            except FilesrvError as exc:  # e.g. no space: the client may still be sending
-                self._fail_mid_body(exc)
-            failed.update(batch.place_all())
-        finally:
-            batch.discard()
-        failures = [{"index": i, "code": e.code, "message": e.message}
-                    for i, e in sorted(failed.items())]
-        if request.chunked:  # however many: they need not fit one header
-            for frame in encode_chunks(failures):
-                self.channel.send_frame(frame)
-        else:
-            self.channel.send_header(placed_reply(failures))
-
-    def _get_files(self, request: GetFiles) -> None:
-        """Many files in one reply: a frame for each (its error, or its bytes after it)."""
-        self.channel.send_header(ok_reply(count=len(request.files)))
-        pending: list[bytes] = []  # small files leave in large sends, not one send each
-        pending_bytes = 0
-        for entry in request.files:
-            try:
-                f = self.server.storage.open_for_read(parse_path(entry["path"]))
-            except FilesrvError as exc:
-                pending.append(encode_frame(error_reply(exc)))
-                continue
-            try:
-                frame, tail = self._file_frame(f, entry["xxh128"])
-                pending.append(frame)
-                pending_bytes += len(frame)
-                if tail or pending_bytes >= _BATCH_SEND_BYTES:
-                    self.channel.send_frame(b"".join(pending))
-                    pending, pending_bytes = [], 0
-                if tail:
-                    self._send_file(f.fd, 0, tail)
-            except FilesrvError as exc:  # e.g. it shrank while read: can no longer frame it
-                raise _CloseConnection(exc.code) from None
-            finally:
-                f.close()
-        self.channel.send_frame(b"".join(pending))
-
-    def _file_frame(self, f: ReadableFile, have: str | None) -> tuple[bytes, int]:
-        """A get_files frame for an open file (a small body inside it; none when the
-        client's copy `have` is current), and how many bytes must follow by sendfile."""
-        storage = self.server.storage
-        if f.size <= _INLINE_BODY:
-            data, digest = storage.read_small(f)
-            body = b"" if digest == have else data
-            self.moved += len(body)
-            return encode_frame(ok_reply(size=f.size, xxh128=digest, length=len(body))) + body, 0
-        digest = storage.digest_of(f)
-        length = 0 if digest == have else f.size
-        return encode_frame(ok_reply(size=f.size, xxh128=digest, length=length)), length
-
-    def _receive_into(self, upload: PartialUpload, length: int) -> None:
-        with self.server.abortable():
-            for chunk in self._body(length):
-                upload.write(chunk)
-
-    def _body(self, length: int) -> Iterator[memoryview]:
-        """The next `length` body bytes, a buffer at a time (each view is reused)."""
-        if self.buffer is None:
-            self.buffer = bytearray(self.options.buffer_size)
-        view = memoryview(self.buffer)
-        remaining = length
-        while remaining:
-            got = self.channel.read_body_into(view[: min(len(view), remaining)])
-            remaining -= got
-            self.moved += got
-            yield view[:got]
-
-    def _expect(self, kind: type) -> Any:
-        request = parse_request(self.channel.read_header())
-        if not isinstance(request, kind):
-            raise BadRequest(f"expected {kind.op!r}, got {request.op!r}")
-        return request
-
-    def _fail_mid_body(self, error: FilesrvError) -> NoReturn:
-        """Report an error while the client may still be sending, then close."""
-        self._send_error(error)
-        if isinstance(error, Superseded):  # its client is gone or stalled: nobody to drain
-            raise _CloseConnection(error.code)
-        try:
-            self.request.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + _ERROR_DRAIN_SECONDS
-            self.request.settimeout(_ERROR_DRAIN_SECONDS)
-            while time.monotonic() < deadline and self.request.recv(65536):
-                pass
-        except OSError:
-            pass
-        raise _CloseConnection(error.code)
-
-    def _stat(self, request: Stat) -> None:
-        storage = self.server.storage
-        parts = parse_path(request.path, allow_root=True)
-        kind, st = storage.stat_entry(parts)
-        if kind == "dir":
-            self.channel.send_header(ok_reply(type="dir", size=0, mtime=st.st_mtime))
-            return
-        if request.path.endswith("/"):
-            raise _not_a_directory(request.path)
-        f = storage.open_for_read(parts)  # refuses what is not a regular file
-        try:
-            self.channel.send_header(ok_reply(type="file", size=f.size, mtime=st.st_mtime,
-                                              xxh128=storage.digest_of(f)))
-        finally:
-            f.close()
-
-    def _writable(self) -> None:
-        if self.options.read_only:
-            raise ReadOnly("the server is read-only")
-
-    def _rm(self, request: Remove) -> None:
-        self._writable()
-        parts = parse_path(request.path, allow_root=True)
-        if request.path.endswith("/"):
-            self._require_dir(parts, request.path)
-        removed = self.server.storage.remove(parts, request.recursive)
-        self.channel.send_header(ok_reply(removed=removed))
-
-    def _mv(self, request: Move) -> None:
-        self._writable()
-        src = parse_path(request.src, allow_root=True)
-        dst = parse_path(request.dst, allow_root=True)
-        if request.src.endswith("/") or request.dst.endswith("/"):
-            self._require_dir(src, request.src)  # only a directory can take "DST/"
-        self.server.storage.move(src, dst)
-        self.channel.send_header(ok_reply())
-
-    def _require_dir(self, parts: tuple[str, ...], shown: str) -> None:
-        """A trailing / names a directory (PROTOCOL.md §4): `parts` must be one."""
-        if parts and self.server.storage.stat_entry(parts)[0] != "dir":
-            raise _not_a_directory(shown)
-
-    def _mkdir(self, request: MakeDir) -> None:
-        self._writable()
-        self.server.storage.make_dir(parse_path(request.path, allow_root=True),
-                                     request.parents)
-        self.channel.send_header(ok_reply())
-
-    _dispatch: dict[type, Callable[["ConnectionHandler", Any], None]] = {
-        ListDir: _ls, Get: _get, Put: _put, Stat: _stat, Remove: _rm, Move: _mv,
-        MakeDir: _mkdir, PutFiles: _put_files, GetFiles: _get_files,
-    }
-
     # -- helpers
 
     def _send_error(self, error: FilesrvError) -> None:
-        try:
-            self.channel.send_header(error_reply(error))
-        except (OSError, AttributeError):  # AttributeError: before the channel existed
-            pass
+        self.session._send_error(error)
 
     def _log(self, op: str, path: str, moved: int, seconds: float, result: str) -> None:
         log(f"{self.peer} {op} {path!r} bytes={moved} {seconds:.3f}s {result}")
-
-
-class _Counted:
-    """An iterator that counts what it hands out."""
-
-    def __init__(self, items: Iterator[Any]) -> None:
-        self.items = items
-        self.count = 0
-
-    def __iter__(self) -> "_Counted":
-        return self
-
-    def __next__(self) -> Any:
-        item = next(self.items)
-        self.count += 1
-        return item
-
-
-def _not_a_directory(path: str) -> NotADirectory:
-    return NotADirectory(f"{path.rstrip('/')!r} is not a directory (a trailing / names one)")
 
 
 class _Deadline:
@@ -783,7 +417,7 @@ class FilesrvServer(socketserver.ForkingTCPServer):
             return
         self.draining = True
         if not self.in_command:
-            raise _CloseConnection("shutting down")
+            raise CloseConnection("shutting down")
 
     def abortable(self) -> "_Abortable":
         return _Abortable(self)
@@ -791,9 +425,9 @@ class FilesrvServer(socketserver.ForkingTCPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         # one log line, never a traceback on stderr (socketserver's default prints one)
         exc = sys.exc_info()[1]
-        if exc is None or isinstance(exc, (Superseded, _CloseConnection)):
+        if exc is None or isinstance(exc, (Superseded, CloseConnection)):
             return  # already reported by the handler
-        log(f"{format_address(client_address)} connection - internal: {_describe(exc)}")
+        log(f"{format_address(client_address)} connection - internal: {describe(exc)}")
 
     # -- stopping
 

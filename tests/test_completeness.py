@@ -16,7 +16,7 @@ import re
 import test_hostile
 from conftest import REPO
 from filesrv import protocol
-from filesrv.server import ConnectionHandler
+from filesrv.handlers import COMMANDS
 
 # Not commands of their own: hello and auth are the connection's lifecycle (PROTOCOL.md §2);
 # data and commit only ever follow a put or put_files inside that command's exchange.
@@ -38,7 +38,7 @@ def request_class_ops() -> set[str]:
 
 
 def server_command_ops() -> set[str]:
-    return {request.op for request in ConnectionHandler._dispatch}
+    return {request.op for request in COMMANDS}
 
 
 def client_sent_ops() -> set[str]:
@@ -105,3 +105,15 @@ def test_every_command_has_its_section_in_protocol_doc_and_nothing_else_does():
 
 def test_lifecycle_and_follow_up_ops_are_not_commands():
     assert not server_command_ops() & (LIFECYCLE_OPS | FOLLOW_UP_OPS)
+
+
+def test_each_command_declares_a_body_exactly_when_its_exchange_sends_data():
+    """The table's `body` flag agrees with PROTOCOL.md: a `data` request in the command's
+    §5 section."""
+    section_5 = _doc_sections()["5"]
+    sections = dict(re.findall(r"^### 5\.\d+ `([a-z_]+)`(.*?)(?=^### |\Z)", section_5,
+                               re.MULTILINE | re.DOTALL))
+    for request, command in COMMANDS.items():
+        sends_data = '"op": "data"' in sections[request.op]
+        assert command.body == sends_data, request.op
+        assert command.help, request.op

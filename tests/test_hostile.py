@@ -321,7 +321,7 @@ def test_a_request_can_never_forge_a_log_line(daemon):
 
 
 def test_the_log_function_escapes_and_never_raises(monkeypatch):
-    from filesrv import server
+    from filesrv import daemonlog as server  # the daemon's log
     read_end, write_end = os.pipe()
     try:
         monkeypatch.setattr(server, "_LOG_FD", write_end)

@@ -13,8 +13,9 @@ from pathlib import Path
 
 from conftest import random_file, xxh128_of
 from filesrv.client import Client
+from filesrv.handlers import Handlers
 from filesrv.protocol import Get, decode_header, parse_length_prefix
-from filesrv.server import ConnectionHandler
+from filesrv.server import ServerOptions
 from filesrv.storage import Storage
 from filesrv.transport import Channel
 
@@ -51,10 +52,9 @@ def test_downloads_are_sent_with_sendfile(tmp_path: Path):
 
     thread = threading.Thread(target=reader)
     thread.start()
-    handler = ConnectionHandler.__new__(ConnectionHandler)  # one command, no connection setup
-    handler.request = sock
+    server = type("S", (), {"storage": Storage(str(root))})()
+    handler = Handlers(server, sock, ServerOptions(), "peer")  # one command, no connection
     handler.channel = Channel(sock)
-    handler.server = type("S", (), {"storage": Storage(str(root))})()
     handler._get(Get(path="f.bin"))
     sock.close()
     thread.join(timeout=30)
