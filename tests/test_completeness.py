@@ -14,7 +14,7 @@ import ast
 import re
 
 import test_hostile
-from conftest import REPO
+from conftest import REPO, RawConnection
 from filesrv import protocol
 from filesrv.handlers import COMMANDS
 
@@ -117,3 +117,28 @@ def test_each_command_declares_a_body_exactly_when_its_exchange_sends_data():
         sends_data = '"op": "data"' in sections[request.op]
         assert command.body == sends_data, request.op
         assert command.help, request.op
+
+
+def doc_writing_ops() -> set[str]:
+    """The ops PROTOCOL.md's error table says a read-only server refuses."""
+    row = re.search(r"^\| `read_only` .*writes: ([a-z_, ]+)", _doc_sections()["3"], re.MULTILINE)
+    assert row, "PROTOCOL.md §3 has no read_only row naming the writes"
+    return {op.strip() for op in row.group(1).split(",")}
+
+
+def test_a_read_only_server_refuses_exactly_the_writes_the_protocol_names(daemon_factory):
+    """The table's `writes` flags are the writes PROTOCOL.md §3 names, and the daemon
+    enforces them: each command of the fuzz corpus, sent to a read-only daemon, is refused
+    as read_only if and only if it writes."""
+    writes = doc_writing_ops()
+    assert {r.op for r, c in COMMANDS.items() if c.writes} == writes
+    daemon = daemon_factory("--read-only")
+    for header in test_hostile.CORPUS:
+        if header["op"] not in server_command_ops():
+            continue  # hello, auth, data, commit
+        conn = RawConnection(daemon.port)
+        try:
+            reply = conn.request(header)
+        finally:
+            conn.close()
+        assert (reply.get("code") == "read_only") == (header["op"] in writes), (header, reply)
