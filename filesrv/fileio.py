@@ -1,4 +1,4 @@
-"""Small local-file primitives both ends use: the pwrite loop, token files."""
+"""Small local-file primitives both ends use: the pwrite loop, token files, name checks."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def read_tokens(path: str) -> tuple[bytes, ...]:
     if not tokens:
         raise ConfigError(f"token file {path} holds no token")
     return tokens
+
+
+def is_utf8(name: str) -> bool:
+    """False for a name on disk whose bytes are not UTF-8: Python carries them as
+    surrogate escapes (os.fsdecode), which no JSON message can hold."""
+    if name.isascii():
+        return True
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -9,6 +9,7 @@ import stat
 from typing import Callable, Iterator
 
 from .errors import FilesrvError
+from .fileio import is_utf8
 from .protocol import RESERVED_NAME, Entry
 from .root import ConfinedRoot, DirWalk, io_error
 
@@ -91,7 +92,7 @@ def _list_one(root: ConfinedRoot, parts: tuple[str, ...], dir_fd: int, prefix: s
         for item in it:
             if item.name == RESERVED_NAME and _is_state_dir(root, item):
                 continue  # also when the root is listed through a symlink to it
-            if not _is_utf8(item.name):
+            if not is_utf8(item.name):
                 if on_skip is not None:
                     on_skip(prefix + item.name.encode("utf-8", "surrogateescape")
                             .decode("ascii", "backslashreplace"))
@@ -124,15 +125,3 @@ def _entry(root: ConfinedRoot, parts: tuple[str, ...], item: os.DirEntry, name: 
     if stat.S_ISREG(st.st_mode):
         return Entry(name, "file", st.st_size, st.st_mtime)
     return None
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name on disk whose bytes are not UTF-8: Python carries them as
-    surrogate escapes, which no JSON reply can hold."""
-    if name.isascii():
-        return True
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True

@@ -11,6 +11,7 @@ from typing import NamedTuple, NoReturn
 import xxhash
 
 from .errors import FilesrvError, LocalError, SourceChanged
+from .fileio import is_utf8
 from .hashing import hash_fd_range
 from .local import shown
 
@@ -95,7 +96,7 @@ def plan_local_tree(local_dir: str) -> TreePlan:
         rel_top = os.path.relpath(top, local_dir)
         prefix = "" if rel_top == "." else rel_top.replace(os.sep, "/") + "/"
         for d in sorted(subdirs):
-            if not _is_utf8(d):
+            if not is_utf8(d):
                 unnamed.append(shown(prefix + d))
                 subdirs.remove(d)  # os.walk then leaves it out
             elif os.path.islink(os.path.join(top, d)):
@@ -110,7 +111,7 @@ def plan_local_tree(local_dir: str) -> TreePlan:
                 continue
             except OSError as exc:
                 raise LocalError(f"cannot read {shown(path)}: {exc.strerror}") from None
-            if not _is_utf8(name) and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            if not is_utf8(name) and (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
                 unnamed.append(shown(prefix + name))
             elif stat.S_ISREG(st.st_mode):
                 files.append((prefix + name, st.st_size))
@@ -122,14 +123,4 @@ def plan_local_tree(local_dir: str) -> TreePlan:
 
 def _unreadable(exc: OSError) -> NoReturn:
     raise LocalError(f"cannot read {shown(exc.filename or '')}: {exc.strerror}")
-
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a name whose bytes are not UTF-8 (os.fsdecode kept them as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
