@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 import time
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, NoReturn, Sequence
 
 from . import __version__, defaults
 from .errors import (EXIT_STATUSES, AlreadyExists, ConfigError, FilesrvError, IsADirectory,
@@ -800,7 +800,7 @@ def run_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _refuse_remote_dir(client: Any, remote: str) -> None:
+def _refuse_remote_dir(client: Any, remote: str) -> NoReturn:
     """`get DIR/`: a directory needs -r; `get FILE/`: a file is not a directory."""
     if client.stat(remote.rstrip("/")).type == "dir":
         raise IsADirectory(f"{remote} is a directory (use -r)")
