@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "run the daemon in the foreground", SERVE_EXAMPLES,
                     description="Serve a directory until SIGTERM or SIGINT. Prints "
-                    "'listening on HOST:PORT' once the socket is bound.")
+                    "'listening on HOST:PORT' once the socket is bound; logs a line per "
+                    "command on stderr, stamped in UTC (ISO 8601, e.g. 2026-11-29T21:21:39Z).")
     serve.add_argument("--config", metavar="FILE",
                        help="read options from this TOML file (keys as the long options: "
                        "root = \"/srv\", max-children = 32, read-only = true); the command "

@@ -27,7 +27,7 @@ def log(message: str) -> None:
     is reported by the next line that can be written.
     """
     global _unwritten_lines
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # UTC, ISO 8601
     line = f"{stamp} {_escape(message)}\n"
     if _unwritten_lines:
         line = f"{stamp} ({_unwritten_lines} earlier log line(s) could not be written)\n" + line

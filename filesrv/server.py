@@ -23,7 +23,7 @@ from .errors import (AuthFailed, BadRequest, Busy, ConfigError, FilesrvError, Se
                      Superseded)
 from .handlers import CloseConnection, Handlers, run_command
 from .protocol import (Auth, Hello, check_version, encode_frame, error_reply, greeting, ok_reply,
-                       parse_request, proof_matches)
+                       Move, parse_request, proof_matches)
 from .storage import TAKEOVER_SIGNAL, Storage
 from .transport import Channel, PeerClosed, format_address
 
@@ -188,7 +188,9 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _run(self, header: dict[str, Any]) -> None:
         started = time.monotonic()
         op = str(header.get("op", "?"))[:16]
-        path = str(header.get("path", "-"))[:200]
+        path: str | tuple[str, str] = str(header.get("path", "-"))[:200]
+        if op == Move.op:  # a rename is logged with both of its paths
+            path = (str(header.get("src", "-"))[:200], str(header.get("dst", "-"))[:200])
         session = self.session
         session.moved = 0
 
@@ -216,8 +218,10 @@ class ConnectionHandler(socketserver.BaseRequestHandler):
     def _send_error(self, error: FilesrvError) -> None:
         self.session._send_error(error)
 
-    def _log(self, op: str, path: str, moved: int, seconds: float, result: str) -> None:
-        log(f"{self.peer} {op} {path!r} bytes={moved} {seconds:.3f}s {result}")
+    def _log(self, op: str, path: str | tuple[str, str], moved: int, seconds: float,
+             result: str) -> None:
+        shown = " -> ".join(map(repr, path)) if isinstance(path, tuple) else repr(path)
+        log(f"{self.peer} {op} {shown} bytes={moved} {seconds:.3f}s {result}")
 
 
 class _Deadline:
@@ -519,11 +523,12 @@ def serve(root: str, host: str, port: int, options: ServerOptions = ServerOption
     signal.signal(signal.SIGINT, on_signal)
     shown = format_address(server.server_address)
     if not options.tokens:
-        log("no --token-file: every client that can connect may read and write the root")
+        may = "read" if options.read_only else "read and write"
+        log(f"no --token-file: every client that can connect may {may} the root")
     if options.tls is None:
         log("no TLS: traffic, file contents included, crosses the network in the clear")
     if options.read_only:
-        log("read-only: uploads are refused")
+        log("read-only: uploads, rm, mv and mkdir are refused")
     print(f"filesrv {__version__} listening on {shown} (root {storage.root})", flush=True)
     # Children start warm: everything imported, and the objects that exist now moved
     # out of the collector's reach, so a child's first collection does not touch (and

@@ -295,7 +295,7 @@ def test_json_nesting_is_bounded_but_brackets_in_strings_are_only_text():
 
 # ------------------------------------------------------------------ the log
 
-LINE_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d ")
+LINE_START = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ")
 
 
 def test_a_request_can_never_forge_a_log_line(daemon):
