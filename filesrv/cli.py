@@ -263,6 +263,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "~/.config/filesrv/config.toml, if it exists)")
     client_opts.add_argument("--json", action="store_true",
                              help="machine-readable output on stdout")
+    # one setting, so that a -v on the command line wins over quiet = true in the file
+    talk = client_opts.add_mutually_exclusive_group()
+    talk.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                      help="on success print nothing but what the command is for (ls's "
+                      "listing, hash's digests, --json records): no progress bar, no "
+                      "summary, no notes; errors still print one line on stderr")
+    talk.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                      help="also say, on stderr, which server answered and how (address, "
+                      "protocol version, TLS or not, authenticated or not), and, on stdout, "
+                      "a line per file of a tree (put -r, get -r)")
+    client_opts.set_defaults(verbosity=0)
     client_opts.add_argument("--timeout", type=positive_float, default=defaults.TIMEOUT,
                              metavar="SECONDS",
                              help="give up on a silent server after this long, and on a busy one "
@@ -626,14 +637,34 @@ def _client(args: argparse.Namespace) -> Any:
     # the transfer options exist for put and get only; the others keep the defaults
     transfer = {key: getattr(args, key) for key in ("buffer_size", "limit_rate")
                 if hasattr(args, key)}
-    return Client(host, port, timeout=args.timeout, retries=args.retries, token=token,
-                  on_wait=_tell_waiting, tls=args.tls, cafile=args.cafile,
-                  durable=getattr(args, "fsync", False), **transfer)
+    client = Client(host, port, timeout=args.timeout, retries=args.retries, token=token,
+                    on_wait=None if _quiet(args) else _tell_waiting, tls=args.tls,
+                    cafile=args.cafile, durable=getattr(args, "fsync", False), **transfer)
+    if _verbose(args):
+        client.on_connect = _tell_session
+    return client
+
+
+def _quiet(args: argparse.Namespace) -> bool:
+    """-q: nothing on success but the command's own output."""
+    return getattr(args, "verbosity", 0) < 0
+
+
+def _verbose(args: argparse.Namespace) -> bool:
+    return getattr(args, "verbosity", 0) > 0
 
 
 def _tell_waiting(message: str) -> None:
     """A busy server: say once why nothing happens yet (the client waits, see --timeout)."""
     print(f"filesrv: {message}", file=sys.stderr, flush=True)
+
+
+def _tell_session(session: Any) -> None:
+    """-v: which server answered, and how (after each handshake, reconnections too)."""
+    tls = f"TLS ({session.tls})" if session.tls else "no TLS"
+    auth = "authenticated with a token" if session.authenticated else "no authentication"
+    _note(f"filesrv: connected to {session.address} ({session.server}), protocol version "
+          f"{session.version}, {tls}, {auth}", sys.stderr)
 
 
 def _token(args: argparse.Namespace, read_token_file: Callable[[str], bytes]
@@ -663,15 +694,15 @@ def run_put_tree(args: argparse.Namespace) -> int:
     name = os.path.basename(os.path.normpath(local_dir))
     remote = name if remote is None else remote + name if remote.endswith("/") else remote
     plan = plan_local_tree(local_dir)
-    for link in plan.skipped_links:
+    for link in plan.skipped_links if not _quiet(args) else ():
         print(f"filesrv: skipped symlink {link} (symlinks are not followed)", file=sys.stderr)
-    for unnamed in plan.skipped_names:
+    for unnamed in plan.skipped_names if not _quiet(args) else ():
         print(f"filesrv: skipped {unnamed}: its name is not valid UTF-8, which the protocol "
               "needs", file=sys.stderr)
     total = sum(size for _, size in plan.files)
     started = time.monotonic()
     with _client(args) as client, TreeProgress(f"put {remote}", total, len(plan.files),
-                                               args) as bar:
+                                               args, verb="uploaded") as bar:
         client.on_retry = bar.retrying
         results = client.put_tree(local_dir, remote, progress=bar.file_progress,
                                   overwrite=args.overwrite, on_file=bar.file_done, plan=plan)
@@ -690,7 +721,7 @@ def run_get_tree(args: argparse.Namespace) -> int:
         listing = client.ls(remote, recursive=True)
         files = [e for e in listing if e.type == "file"]
         with TreeProgress(f"get {remote}", sum(e.size for e in files), len(files),
-                          args) as bar:
+                          args, verb="downloaded") as bar:
             client.on_retry = bar.retrying
             results = client.get_tree(remote, local, progress=bar.file_progress,
                                       overwrite=args.overwrite, on_file=bar.file_done,
@@ -715,7 +746,7 @@ def _warn_left_out(listing: Any) -> None:
 def _report_tree(verb: str, where: str, results: list[Any], seconds: float, client: Any,
                  args: argparse.Namespace) -> None:
     """JSON: a line per file (printed as each completes, see TreeProgress); else a summary."""
-    if args.json:
+    if args.json or _quiet(args):
         return
     skipped = sum(1 for r in results if r.skipped)
     moved = sum(r.size - r.resumed_from for r in results if not r.skipped)
@@ -942,16 +973,32 @@ def run_hash(args: argparse.Namespace) -> int:
 
 
 def _print_digest(args: argparse.Namespace, name: str, size: int, digest: str | None) -> None:
-    _say(args, {"path": name, "size": size, "xxh128": digest}, f"{digest}  {name}")
+    _say(args, {"path": name, "size": size, "xxh128": digest}, f"{digest}  {name}",
+         summary=False)
 
 
-def _say(args: argparse.Namespace, record: dict[str, Any], human: str) -> None:
+def _say(args: argparse.Namespace, record: dict[str, Any], human: str, *,
+         summary: bool = True) -> None:
+    """A record with --json, else the human line; -q silences a summary (not output)."""
+    if summary and _quiet(args) and not args.json:
+        return
     print(json.dumps(record, ensure_ascii=False) if args.json else human, flush=True)
+
+
+def _note(line: str, stream: Any) -> None:
+    """A line that must not tear a progress bar drawn on the terminal."""
+    if _byte_bar_class.cache_info().currsize:  # tqdm is loaded: a bar may be on screen
+        _byte_bar_class().write(line, file=stream)
+        stream.flush()
+    else:
+        print(line, file=stream, flush=True)
 
 
 def _report(verb: str, result: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
+        return
+    if _quiet(args):
         return
     if result.skipped:
         print(f"skipped {result.path}: the destination exists"
@@ -1041,7 +1088,8 @@ class _Status:
     stderr when there is no bar (piped, --no-progress)."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.enabled = not args.no_progress and sys.stderr.isatty()
+        self.enabled = not args.no_progress and sys.stderr.isatty() and not _quiet(args)
+        self.quiet = _quiet(args)
         self.bar: Any = None
         self.reconnecting = False  # from a cut until data moves again
 
@@ -1051,6 +1099,8 @@ class _Status:
         what = (f"reconnecting in {notice.delay:g} s (attempt {notice.attempt} of "
                 f"{notice.retries})")
         if self.bar is None:
+            if self.quiet:
+                return
             # the reason without the advice for when retries run out: this is a retry
             reason = notice.reason.split("; run the same command again")[0]
             print(f"filesrv: connection lost, {what}: {reason}", file=sys.stderr,
@@ -1101,10 +1151,13 @@ class TreeProgress(_Status):
     for each file as it completes. Bytes already there (skipped files, the resumed part
     of a file) advance the bar but not its rate."""
 
-    def __init__(self, label: str, total: int, files: int, args: argparse.Namespace) -> None:
+    def __init__(self, label: str, total: int, files: int, args: argparse.Namespace, *,
+                 verb: str = "moved") -> None:
         super().__init__(args)
         self.label, self.total, self.files = label, total, files
         self.json = args.json
+        self.verb = verb  # -v: a line per file, "uploaded a/b: ..."
+        self.verbose = _verbose(args) and not args.json
         self.done_files = 0
         self.file_bytes: int | None = None  # of the current file, as last reported
         self.complete_report = False  # its one report said "all there": moved or not?
@@ -1132,6 +1185,8 @@ class TreeProgress(_Status):
     def file_done(self, result: Any) -> None:
         if self.json:  # as each file completes: a killed run still says what it finished
             print(json.dumps(result.as_dict(), ensure_ascii=False), flush=True)
+        elif self.verbose:
+            _note(_file_line(self.verb, result), sys.stdout)
         self.done_files += 1
         if self.bar is not None:
             if result.skipped or (self.complete_report and not result.bytes_moved):
@@ -1145,6 +1200,13 @@ class TreeProgress(_Status):
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _file_line(verb: str, result: Any) -> str:
+    """-v: one file of a tree."""
+    if result.skipped:
+        return f"skipped {result.path}: already there"
+    return f"{verb} {result.path}: {format_size(result.size)}, xxh128 {result.xxh128}"
 
 
 class UsageError(Exception):

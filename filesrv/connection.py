@@ -12,7 +12,7 @@ import ipaddress
 import socket
 import time
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, NoReturn, TypeVar
 
 from .errors import (AuthFailed, BadRequest, Busy, ConfigError, ConnectionFailed,
                      FilesrvError, ProtocolError)
@@ -96,6 +96,16 @@ def server_failure(exc: BaseException) -> BaseException:
 
 
 
+class Session(NamedTuple):
+    """What a handshake settled, for a client that tells it (filesrv -v)."""
+
+    address: str  # HOST:PORT as connected to
+    server: str  # the server's name and version, from its greeting
+    version: int  # the protocol version both speak
+    tls: str | None  # the TLS version (e.g. 'TLSv1.3'); None: in the clear
+    authenticated: bool  # the server asked for a token and accepted ours
+
+
 class Connection:
     """One connection to a filesrv daemon, made on first use and again after a cut;
     many commands may run over it."""
@@ -121,6 +131,7 @@ class Connection:
         self.retry = retry or RetryPolicy(reconnects=retries, busy_seconds=timeout)
         self.on_retry = on_retry  # told before each reconnect after a cut connection
         self.on_wait = on_wait
+        self.on_connect: Callable[[Session], None] | None = None  # after each handshake
         self._said_waiting = False
         self.reconnects = 0  # over this client's life, for summaries
         self.reconnect_seconds = 0.0
@@ -215,6 +226,10 @@ class Connection:
             raise
         self.server_agent = greeting.server
         self._ever_connected = True
+        if self.on_connect is not None:
+            tls = sock.version() if self.tls is not None else None  # type: ignore[attr-defined]
+            self.on_connect(Session(where, greeting.server, greeting.version, tls,
+                                    greeting.nonce is not None))
         return channel
 
     def _start_tls(self, sock: socket.socket, where: str) -> socket.socket:
