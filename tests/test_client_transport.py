@@ -272,15 +272,6 @@ def test_a_client_gives_up_on_a_busy_server_when_its_policy_says(daemon_factory)
     assert len(told) == 1 and "busy" in told[0] and "waiting up to 1.5 s" in told[0]
 
 
-@pytest.fixture
-def cert(tmp_path: Path) -> tuple[Path, Path]:
-    key, crt = tmp_path / "key.pem", tmp_path / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(crt),
-                    "-days", "2", "-subj", "/CN=filesrv-test",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return crt, key
 
 
 def test_a_busy_tls_server_is_busy_not_a_tls_failure(daemon_factory, cert):
@@ -312,18 +303,6 @@ def test_a_busy_tls_server_is_busy_not_a_tls_failure(daemon_factory, cert):
 
 # ---------------------------------------------------------------- no space on the client
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_a_get_that_cannot_fit_fails_before_the_first_byte_naming_the_numbers(daemon,

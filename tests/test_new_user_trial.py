@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator
 
 import pytest
 
@@ -210,18 +209,6 @@ def test_get_into_a_local_file_named_with_a_trailing_slash_says_it_is_not_a_dire
 
 # ---------------------------------------------------------------- item 5: bytes kept
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_out_of_space_mid_get_states_the_bytes_actually_kept(daemon, small_tmpfs: Path):

@@ -22,17 +22,6 @@ from filesrv.server import HANDSHAKE_SHIELD_SECONDS
 TOKEN = "correct-horse-battery-staple-7f3a9c"
 
 
-@pytest.fixture(scope="session")
-def cert(tmp_path_factory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 only (its own CA)."""
-    folder = tmp_path_factory.mktemp("tls")
-    key, crt = folder / "key.pem", folder / "cert.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key), "-out", str(crt),
-                    "-days", "2", "-subj", "/CN=filesrv-test",
-                    "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True, timeout=60)
-    return crt, key
 
 
 @pytest.fixture
@@ -356,18 +345,6 @@ def test_slow_clients_do_not_starve_a_new_one(daemon_factory, tmp_path):
 
 # ------------------------------------------------------------------ faults
 
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "tmpfs"
-    mount.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {r.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
 def test_disk_full_put_reports_no_space_and_resumes_once_space_is_freed(daemon_factory,
